@@ -1,0 +1,168 @@
+"""`crslab run`: CRSLab's quick_start flow with the plugin's config, paths, logging and results.
+
+Differences from ``crslab.quick_start.run_crslab``: the config is validated first; datasets,
+checkpoints and logs go under the user's root; the caller's loguru sinks are left alone (one
+file sink is added for the run and removed after); the test metrics of every stage are
+returned and written to ``<root>/results/<run>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from lotcrs_plugin import config as run_config
+from lotcrs_plugin.errors import UserError
+
+DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the test metrics per stage and where its files are."""
+
+    dataset: str
+    model_name: str
+    test: dict[str, dict[str, float]] = field(default_factory=dict)
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    log_file: str = ""
+    results_file: str = ""
+    model_file: str = ""
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _metrics_as_numbers(metrics) -> dict[str, float]:
+    return {name: float(metric.value()) for name, metric in metrics.report().items()}
+
+
+def _capture_reports(evaluator, sink: list[dict[str, Any]]) -> None:
+    """Record every report an evaluator makes, so test metrics survive later stages' resets."""
+    original = evaluator.report
+
+    def report(*args, **kwargs):
+        mode = kwargs.get("mode", args[1] if len(args) > 1 else "test")
+        epoch = kwargs.get("epoch", args[0] if args else -1)
+        entry: dict[str, Any] = {"mode": mode, "epoch": epoch}
+        for attr in ("rec_metrics", "gen_metrics", "optim_metrics"):
+            if hasattr(evaluator, attr):
+                entry[attr.split("_")[0]] = _metrics_as_numbers(getattr(evaluator, attr))
+        extra = getattr(evaluator, "last_report", None)
+        out = original(*args, **kwargs)
+        extra = getattr(evaluator, "last_report", None) or extra
+        if extra:
+            entry["longtail"] = extra
+        sink.append(entry)
+        return out
+
+    evaluator.report = report
+
+
+def run(
+    config: str | os.PathLike | dict | None = None,
+    *,
+    gpu: str = "-1",
+    seed: int | None = None,
+    output_root: str | None = None,
+    save_system: bool = False,
+    restore_system: bool = False,
+    interact: bool = False,
+    tensorboard: bool = False,
+    debug: bool = False,
+    save_data: bool = False,
+    restore_data: bool = False,
+) -> RunResult:
+    """Train and test the system a config describes (CRSLab's or the plugin's)."""
+    started = time.perf_counter()
+    source = str(config) if config is not None and not isinstance(config, dict) else "<dict>"
+    if config is None:
+        config, source = DEMO_CONFIG, str(DEMO_CONFIG)
+    opt = run_config.read_yaml(config) if not isinstance(config, dict) else dict(config)
+    opt = run_config.validate(opt, where=source)
+    if seed is not None:
+        opt["seed"] = seed
+
+    from lotcrs_plugin.registry import register_all
+
+    register_all(output_root or opt.get("output_root"))
+    from lotcrs_plugin import paths
+
+    layout = paths.active_layout()
+    run_config.check_names(opt, where=source)
+    crs_config = run_config.to_crslab_config(opt, gpu)
+    name = crs_config.opt["model_name"]
+    run_name = opt.get("log_name") or f"{opt['dataset']}_{name}_{time.strftime('%Y-%m-%d-%H-%M-%S')}"
+    layout.log.mkdir(parents=True, exist_ok=True)
+    log_file = layout.log / f"{run_name}.log"
+    sink_id = logger.add(str(log_file), level="DEBUG" if debug else "INFO")
+    try:
+        seed_everything(int(opt["seed"]))
+        logger.info(f"[lotcrs] config {source}; root {layout.root}")
+        logger.info("[Config]\n" + json.dumps(crs_config.opt, indent=2, default=str))
+        system = _build_system(crs_config, restore_data, save_data, restore_system, interact, debug, tensorboard)
+        result = RunResult(dataset=opt["dataset"], model_name=name, log_file=str(log_file),
+                           model_file=str(getattr(system, "model_file", "")))
+        if interact:
+            system.interact()
+            return result
+        if hasattr(system, "evaluator"):
+            _capture_reports(system.evaluator, result.reports)
+        system.fit()
+        if save_system:
+            system.save_model()
+    finally:
+        logger.remove(sink_id)
+    result.test = {}
+    for i, entry in enumerate(r for r in result.reports if r["mode"] == "test"):
+        for part in ("rec", "gen"):
+            if entry.get(part):
+                result.test[part if part not in result.test else f"{part}_{i}"] = entry[part]
+        if entry.get("longtail"):
+            result.test["longtail"] = entry["longtail"]
+    result.seconds = round(time.perf_counter() - started, 2)
+    results_dir = layout.root / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    result.results_file = str(results_dir / f"{run_name}.json")
+    tmp = Path(result.results_file + ".tmp")
+    tmp.write_text(json.dumps(asdict(result), indent=2, default=str), encoding="utf-8")
+    tmp.replace(result.results_file)
+    return result
+
+
+def _build_system(crs_config, restore_data, save_data, restore_system, interact, debug, tensorboard):
+    from crslab.data import get_dataloader, get_dataset
+    from crslab.system import get_system
+
+    tokenize = crs_config["tokenize"]
+    if isinstance(tokenize, str):
+        dataset = get_dataset(crs_config, tokenize, restore_data, save_data)
+        side_data, vocab = dataset.side_data, dataset.vocab
+        loaders = [get_dataloader(crs_config, split, vocab)
+                   for split in (dataset.train_data, dataset.valid_data, dataset.test_data)]
+    else:
+        by_tokenize: dict[str, Any] = {}
+        loaders = [{}, {}, {}]
+        vocab, side_data = {}, {}
+        for task, tok in tokenize.items():
+            if tok not in by_tokenize:
+                by_tokenize[tok] = get_dataset(crs_config, tok, restore_data, save_data)
+            dataset = by_tokenize[tok]
+            side_data[task], vocab[task] = dataset.side_data, dataset.vocab
+            for loader, split in zip(loaders, (dataset.train_data, dataset.valid_data, dataset.test_data)):
+                loader[task] = get_dataloader(crs_config, split, vocab[task])
+    return get_system(crs_config, *loaders, vocab, side_data, restore_system, interact, debug, tensorboard)
