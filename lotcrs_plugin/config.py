@@ -17,6 +17,7 @@ import difflib
 import functools
 import importlib
 import importlib.util
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ PLUGIN_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
 # block key -> "module:Dataclass" with a classmethod from_dict(dict) that validates the block.
 CONFIG_BLOCKS: dict[str, str] = {
     "synthetic": "lotcrs_plugin.data.synthetic:SyntheticConfig",
+    "longtail": "lotcrs_plugin.evaluator.config:LongTailConfig",
 }
 
 _OPT_KEY = re.compile(r"""(?:opt|config)(?:\[|\.get\()\s*['"]([A-Za-z_][A-Za-z_0-9]*)['"]""")
@@ -137,6 +139,14 @@ def validate(opt: dict, where: str = "config") -> dict:
     tokenize = opt["tokenize"]
     if isinstance(tokenize, dict):
         _check_keys(tokenize, f"{where}: block 'tokenize'", ["rec", "conv", "policy"])
+    if not opt.get("model"):
+        # CRSLab's split systems read vocab[stage] for each stage model: tokenize must name each
+        stages = [k.split("_")[0] for k in MODEL_KEYS[1:] if opt.get(k)]
+        missing = [s for s in stages if not isinstance(tokenize, dict) or s not in tokenize]
+        if missing:
+            example = ", ".join(f"{s}: {tokenize if isinstance(tokenize, str) else 'nltk'}" for s in stages)
+            raise UserError(f"{where}: key 'tokenize' must name the tokenization of each stage model "
+                            f"(missing: {', '.join(missing)}); e.g. tokenize: {{{example}}}")
     for key, target in CONFIG_BLOCKS.items():
         if key in opt:
             module, _, attr = target.partition(":")
@@ -206,6 +216,12 @@ def to_crslab_config(opt: dict, gpu: str = "-1"):
         gpus = [int(g) for g in str(gpu).split(",")]
     except ValueError:
         raise UserError(f"--gpu must be -1 (CPU) or comma-separated GPU indices like 0 or 0,1; not {gpu!r}") from None
+    # CRSLab's systems read CUDA_VISIBLE_DEVICES (its Config sets it) to know whether models are
+    # wrapped in DataParallel. It then addressed devices by their physical index, which is
+    # wrong once the others are hidden: the visible ones are renumbered from 0.
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu) if gpus != [-1] else "-1"
+    if gpus != [-1]:
+        gpus = list(range(len(gpus)))
     config = Config.__new__(Config)
     config.opt = dict(opt)
     config.opt["gpu"] = gpus

@@ -33,8 +33,14 @@ PLUGIN_PARTS: dict[str, dict[str, str]] = {
     "dataloader": {},
     "model": {},
     "system": {},
-    "evaluator": {},
+    "evaluator": {
+        "longtail": "lotcrs_plugin.evaluator.longtail:LongTailEvaluator",
+    },
 }
+# Called before the parts are registered: they install hooks the parts rely on (idempotent).
+PLUGIN_INSTALLERS: tuple[str, ...] = (
+    "lotcrs_plugin.evaluator:install",  # builds system-aware evaluators with their system
+)
 PLUGIN_DATASET_LANGUAGE: dict[str, str] = {"synthetic": "en"}
 
 # table name -> (module, attribute) of the CRSLab dict
@@ -114,6 +120,8 @@ def _resolve(target: str) -> Any:
 
 def register_builtin() -> None:
     """Register this package's own parts (the entry point of the group ``crslab.plugins``)."""
+    for target in PLUGIN_INSTALLERS:
+        _resolve(target)()
     for table, parts in PLUGIN_PARTS.items():
         for name, target in parts.items():
             obj = _resolve(target)

@@ -18,6 +18,13 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 def format_result(result) -> str:
     out = [f"== {result.model_name} on {result.dataset}: test results ({result.seconds:.1f} s) =="]
     for stage, metrics in result.test.items():
+        if stage == "rec" and "longtail" in result.test:
+            continue  # the long-tail table repeats CRSLab's hit/ndcg/mrr as recall/ndcg/mrr
+        if stage == "longtail":
+            from lotcrs_plugin.evaluator.report import format_report
+
+            out.append(format_report(metrics))
+            continue
         out.append(f"[{stage}]")
         out.append(format_metrics(metrics))
     if not result.test:

@@ -62,11 +62,11 @@ def _capture_reports(evaluator, sink: list[dict[str, Any]]) -> None:
         for attr in ("rec_metrics", "gen_metrics", "optim_metrics"):
             if hasattr(evaluator, attr):
                 entry[attr.split("_")[0]] = _metrics_as_numbers(getattr(evaluator, attr))
-        extra = getattr(evaluator, "last_report", None)
         out = original(*args, **kwargs)
-        extra = getattr(evaluator, "last_report", None) or extra
-        if extra:
-            entry["longtail"] = extra
+        # None after a report with no item samples (training epochs, conversation stages)
+        longtail = getattr(evaluator, "last_report", None)
+        if longtail is not None:
+            entry["longtail"] = longtail
         sink.append(entry)
         return out
 
