@@ -18,6 +18,7 @@ from lotcrs_plugin.errors import UserError
 COMMAND_MODULES = (
     "lotcrs_plugin.commands.run",
     "lotcrs_plugin.commands.list",
+    "lotcrs_plugin.commands.import_data",
 )
 
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"crslab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("crslab: interrupted", file=sys.stderr)
         return 130

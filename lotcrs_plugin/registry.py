@@ -135,8 +135,42 @@ def plugin_entry_points() -> list:
     return list(entry_points(group=ENTRY_POINT_GROUP))
 
 
+def imported_dataset_folders(dataset_root: Path) -> dict[str, Path]:
+    """{name: folder} of the datasets `crslab import-data` wrote under ``dataset_root``."""
+    if not dataset_root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(dataset_root.iterdir())
+            if p.is_dir() and not p.name.startswith(".") and (p / "dataset.json").is_file()}
+
+
+_imported: dict[str, Any] = {}  # name -> class registered from the current root's folders
+
+
+def register_imported(dataset_root: Path) -> None:
+    """Register every imported dataset under the root by its folder name.
+
+    Those of a previous root are taken out first, so a process can switch roots.
+    """
+    import json
+
+    from lotcrs_plugin.data.processed import dataset_class_for
+
+    datasets, languages = crslab_table("dataset"), crslab_table("language")
+    for name, cls in list(_imported.items()):
+        if datasets.get(name) is cls:
+            del datasets[name]
+            languages.pop(name, None)
+        del _imported[name]
+    for name, folder in imported_dataset_folders(dataset_root).items():
+        cls = dataset_class_for(name, folder)
+        manifest = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+        register_dataset(name, cls, manifest.get("language", "en"))
+        _imported[name] = cls
+
+
 def register_all(root: str | None = None) -> None:
-    """Patch CRSLab, fill its tables from every installed plugin, and set its paths to ``root``."""
+    """Patch CRSLab, fill its tables from every installed plugin and the imported datasets
+    under ``root``, and set CRSLab's paths to ``root``."""
     from lotcrs_plugin import compat, paths
 
     compat.apply()
@@ -145,7 +179,8 @@ def register_all(root: str | None = None) -> None:
         if ep.value == f"{__name__}:register_builtin":
             continue
         ep.load()()
-    paths.apply_to_crslab(root)
+    layout = paths.apply_to_crslab(root)
+    register_imported(layout.dataset)
 
 
 # ---- listing without importing torch -------------------------------------------------------
@@ -179,11 +214,15 @@ def listing() -> dict[str, dict[str, list[str]]]:
     }
     for table, parts in PLUGIN_PARTS.items():
         result[table]["lotcrs_plugin"] = sorted(parts)
+    from lotcrs_plugin.paths import active_layout
+
+    layout = active_layout()
+    result["dataset"][f"imported ({layout.dataset})"] = sorted(imported_dataset_folders(layout.dataset))
     others = [ep for ep in plugin_entry_points() if ep.value != f"{__name__}:register_builtin"]
     if others:
         register_all()
         for table in PLUGIN_PARTS:
-            known = set(result[table]["crslab"]) | set(result[table]["lotcrs_plugin"])
+            known = {name for names in result[table].values() for name in names}
             extra = sorted(set(crslab_table(table)) - known)
             if extra:
                 result[table]["other plugins"] = extra
