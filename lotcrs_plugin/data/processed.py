@@ -1,0 +1,552 @@
+"""The CRSLab dataset class that reads a processed folder (docs/DATA_LAYOUT.md).
+
+:class:`ProcessedDataset` produces exactly what CRSLab's ReDial / Inspired datasets produce
+(processed samples, ``vocab``, ``side_data``), so that every CRSLab model and dataloader takes
+it; ``side_data['item_stats']`` adds the per-item mention counts for the long-tail evaluator.
+
+Differences from CRSLab's own datasets, on purpose:
+- the data folder is ``<dataset root>/<name>`` (no tokenizer level) and CRSLab's download
+  ``build()`` is never run on it; ``dpath`` (where ``all_data.pkl`` of ``--save_data`` /
+  ``--restore_data`` and an optional ``embedding`` file live) is ``<folder>/<tokenize>``, so
+  that two tokenizations never share a pickle;
+- a malformed folder raises :class:`UserError` naming the file, instead of a KeyError later;
+  an item that is not in item_ids.json is an error, not silently dropped;
+- KG edges, entity lists and relation ids are in a fixed order (CRSLab iterates sets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator
+
+import numpy as np
+
+from lotcrs_plugin import compat
+from lotcrs_plugin.errors import UserError
+
+compat.apply()  # crslab is imported only through the patches
+
+from crslab.data.dataset.base import BaseDataset  # noqa: E402
+from loguru import logger  # noqa: E402
+
+FORMAT = "lotcrs-processed"
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+REQUIRED_FILES = ("dataset.json", "train_data.json", "valid_data.json", "test_data.json",
+                  "token2id.json", "entity2id.json", "word2id.json", "entity_kg.json",
+                  "word_kg.json", "item_ids.json", "item_stats.json")
+TOKENIZERS = ("nltk", "bert", "gpt2")
+MIN_ITEMS = 50  # CRSLab's rec metrics take topk(scores[:, item_ids], 50)
+ROLES = ("Seeker", "Recommender")
+NLTK_SPECIAL = {"__pad__": 0, "__start__": 1, "__end__": 2, "__unk__": 3}
+NLTK_SPECIAL_IDX = {"pad": 0, "start": 1, "end": 2, "unk": 3, "pad_entity": 0, "pad_word": 0}
+SELF_LOOP = "SELF_LOOP"
+LAYOUT_DOC = "see docs/DATA_LAYOUT.md"
+
+
+# ---- reading and checking a folder -----------------------------------------------------------
+
+def read_json(folder: Path, name: str, kind: type | None = None) -> Any:
+    """Parse one file of the folder; a missing or malformed file is a UserError naming it."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise UserError(f"{path}: missing; a processed dataset folder needs "
+                        f"{', '.join(REQUIRED_FILES)} ({LAYOUT_DOC})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {e.lineno} column {e.colno}: {e.msg}; expected valid JSON "
+                        f"({LAYOUT_DOC})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    if kind is not None and not isinstance(data, kind):
+        raise UserError(f"{path}: expected a JSON {_kind_name(kind)}, got {_kind_name(type(data))} "
+                        f"({LAYOUT_DOC})")
+    return data
+
+
+def _kind_name(kind: type) -> str:
+    return {dict: "object", list: "array", str: "string", int: "integer"}.get(kind, kind.__name__)
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """dataset.json of ``folder``, checked (format, version, language, splits)."""
+    folder = Path(folder)
+    manifest = read_json(folder, "dataset.json", dict)
+    path = folder / "dataset.json"
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: \"format\" must be \"{FORMAT}\", got {manifest.get('format')!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: format_version {manifest.get('format_version')!r} is not supported; "
+                        f"this plugin reads {FORMAT_VERSION}")
+    if manifest.get("language", "en") not in ("en", "zh"):
+        raise UserError(f"{path}: \"language\" must be \"en\" or \"zh\", got {manifest.get('language')!r}")
+    return manifest
+
+
+def check_folder(folder: str | os.PathLike) -> dict:
+    """Cheap check that ``folder`` is a processed dataset: every required file is present and
+    dataset.json is valid. Returns the manifest. (``validate_folder`` checks the contents.)"""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such dataset folder")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{folder / missing[0]}: missing; a processed dataset folder needs "
+                        f"{', '.join(REQUIRED_FILES)} ({LAYOUT_DOC})")
+    return read_manifest(folder)
+
+
+def scan(dataset_root: str | os.PathLike) -> dict[str, Path]:
+    """{name: folder} for each direct child of ``dataset_root`` holding a dataset.json (the
+    folders the importers write); dataset.json is not read here."""
+    root = Path(dataset_root)
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir())
+            if p.is_dir() and not p.name.startswith(".") and (p / "dataset.json").is_file()}
+
+
+class FolderData:
+    """The parsed, cross-checked contents of one processed folder (no tokenization)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        f = self.folder
+        self.manifest = check_folder(f)
+        self.splits = {s: read_json(f, f"{s}_data.json", list) for s in SPLITS}
+        self.token2id = read_json(f, "token2id.json", dict)
+        self.entity2id = read_json(f, "entity2id.json", dict)
+        self.word2id = read_json(f, "word2id.json", dict)
+        self.entity_kg = read_json(f, "entity_kg.json", list)
+        self.word_kg = read_json(f, "word_kg.json", list)
+        self.item_ids = read_json(f, "item_ids.json", list)
+        self.item_stats = read_json(f, "item_stats.json", dict)
+        self._check()
+
+    def _check(self) -> None:
+        f = self.folder
+        _check_ids(f / "token2id.json", self.token2id, first=0, contiguous=True)
+        for tok, idx in NLTK_SPECIAL.items():
+            if self.token2id.get(tok) != idx:
+                raise UserError(f"{f / 'token2id.json'}: {tok} must have id {idx}, "
+                                f"got {self.token2id.get(tok)!r} ({LAYOUT_DOC})")
+        _check_ids(f / "entity2id.json", self.entity2id, first=1)
+        if not self.entity2id:
+            raise UserError(f"{f / 'entity2id.json'}: no entities; the items at least are entities")
+        _check_ids(f / "word2id.json", self.word2id, first=1)
+        entity_ids = set(self.entity2id.values())
+        items = self.item_ids
+        path = f / "item_ids.json"
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise UserError(f"{path}: expected a list of integer entity ids")
+        if len(items) < MIN_ITEMS:
+            raise UserError(f"{path}: {len(items)} items; CRSLab ranks the top {MIN_ITEMS}, so a "
+                            f"catalog needs at least {MIN_ITEMS} items")
+        if len(set(items)) != len(items):
+            raise UserError(f"{path}: an entity id occurs twice")
+        stray = [i for i in items if i not in entity_ids]
+        if stray:
+            raise UserError(f"{path}: entity id {stray[0]} is not in entity2id.json")
+        path = f / "item_stats.json"
+        for i in items:
+            entry = self.item_stats.get(str(i))
+            if not isinstance(entry, dict) or not isinstance(entry.get("train_mentions"), int):
+                raise UserError(f"{path}: item {i} needs an entry {{\"name\", \"train_mentions\": int, "
+                                f"\"source_mentions\"}} ({LAYOUT_DOC})")
+        self.entity_triples = _kg_triples(f / "entity_kg.json", self.entity_kg, entity_ids)
+        self.word_pairs = _kg_pairs(f / "word_kg.json", self.word_kg, set(self.word2id.values()))
+        for split, dialogs in self.splits.items():
+            if not dialogs:
+                raise UserError(f"{f / f'{split}_data.json'}: no dialogs; every split needs at least one")
+
+    def iter_turns(self) -> Iterator[Any]:
+        """Every turn of every split, in file order (train, valid, test)."""
+        for split in SPLITS:
+            for conv in self.splits[split]:
+                yield from _dialog_of(self.folder / f"{split}_data.json", conv)
+
+
+def _check_ids(path: Path, mapping: dict, first: int, contiguous: bool = False) -> None:
+    ids = list(mapping.values())
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError(f"{path}: every value must be an integer id")
+    if not ids:
+        return
+    arr = np.asarray(ids)
+    if arr.min() < first:
+        raise UserError(f"{path}: ids start at {first}, found {int(arr.min())} ({LAYOUT_DOC})")
+    if len(np.unique(arr)) != len(arr):
+        raise UserError(f"{path}: two names share one id")
+    if contiguous and arr.max() != first + len(arr) - 1:
+        raise UserError(f"{path}: ids must be {first}..{first + len(arr) - 1} without gaps")
+
+
+def _kg_triples(path: Path, kg: list, entity_ids: set) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(heads, relation names, tails) of entity_kg.json, checked."""
+    heads, rels, tails = [], [], []
+    for n, triple in enumerate(kg):
+        if (not isinstance(triple, list) or len(triple) != 3 or not isinstance(triple[1], str)
+                or triple[0] not in entity_ids or triple[2] not in entity_ids):
+            raise UserError(f"{path}: triple #{n} {triple!r} is not [head_id, relation_name, tail_id] "
+                            f"with ids from entity2id.json")
+        heads.append(triple[0])
+        rels.append(triple[1])
+        tails.append(triple[2])
+    return np.asarray(heads, dtype=np.int64), rels, np.asarray(tails, dtype=np.int64)
+
+
+def _kg_pairs(path: Path, kg: list, word_ids: set) -> np.ndarray:
+    for n, pair in enumerate(kg):
+        if not isinstance(pair, list) or len(pair) != 2 or pair[0] not in word_ids or pair[1] not in word_ids:
+            raise UserError(f"{path}: pair #{n} {pair!r} is not [word_id, word_id] with ids from "
+                            f"word2id.json")
+    return np.asarray(kg, dtype=np.int64).reshape(-1, 2)
+
+
+def validate_folder(folder: str | os.PathLike) -> dict:
+    """Check a folder completely (files, ids, KGs, every dialog); UserError names the file.
+    Returns the manifest."""
+    data = FolderData(folder)
+    entity2id, word2id, items = data.entity2id, data.word2id, set(data.item_ids)
+    for split in SPLITS:
+        for conv in data.splits[split]:
+            for _ in _checked_turns(data.folder / f"{split}_data.json", conv, entity2id, word2id, items):
+                pass
+    return data.manifest
+
+
+def _dialog_of(path: Path, conv: Any) -> list:
+    if not isinstance(conv, dict) or not isinstance(conv.get("dialog"), list):
+        raise UserError(f"{path}: each dialog must be {{\"conv_id\": str, \"dialog\": [turn, ...]}}, "
+                        f"got {str(conv)[:80]!r}")
+    return conv["dialog"]
+
+
+def _checked_turns(path: Path, conv: Any, entity2id: dict, word2id: dict,
+                   items: set) -> Iterator[tuple[dict, list[int], list[int], list[int]]]:
+    """(turn, movie ids, entity ids, word ids) for each turn of one dialog, checked."""
+    for n, utt in enumerate(_dialog_of(path, conv)):
+        where = f"{path}: dialog {conv.get('conv_id')!r}, turn {n}"
+        if not isinstance(utt, dict) or utt.get("role") not in ROLES:
+            raise UserError(f"{where}: role must be \"Seeker\" or \"Recommender\"")
+        for key in ("text", "movies", "entity", "word"):
+            if not isinstance(utt.get(key), list):
+                raise UserError(f"{where}: \"{key}\" must be a list ({LAYOUT_DOC})")
+        movie_ids = []
+        for movie in utt["movies"]:
+            eid = entity2id.get(movie)
+            if eid is None or eid not in items:
+                raise UserError(f"{where}: movie {movie!r} is not an item (entity2id.json and "
+                                f"item_ids.json must both list it)")
+            movie_ids.append(eid)
+        entity_ids = [entity2id[e] for e in utt["entity"] if e in entity2id]
+        word_ids = [word2id[w] for w in utt["word"] if w in word2id]
+        yield utt, movie_ids, entity_ids, word_ids
+
+
+# ---- the CRSLab dataset ----------------------------------------------------------------------
+
+class ProcessedDataset(BaseDataset):
+    """CRSLab dataset over a processed folder: ``<dataset root>/<opt['dataset']>``, or the folder
+    a subclass made by :func:`dataset_class_for` is bound to.
+
+    tokenize: 'nltk' uses the stored word tokens and token2id.json; 'bert' / 'gpt2' tokenize
+    each turn's raw_text with ``transformers.AutoTokenizer`` loaded from the local folder
+    ``opt['pretrained_path'][tokenize]``, whose vocabulary and special tokens become ``vocab``.
+    """
+
+    dataset_name: ClassVar[str | None] = None
+    bound_folder: ClassVar[Path | None] = None
+
+    def __init__(self, opt, tokenize, restore=False, save=False):
+        # BaseDataset.__init__ minus build(): nothing is downloaded into our folders
+        if tokenize not in TOKENIZERS:
+            raise UserError(f"tokenize {tokenize!r} is not supported by dataset "
+                            f"{self._name(opt)!r}; use one of {', '.join(TOKENIZERS)}")
+        self.tokenize = tokenize
+        self.opt = opt
+        self.folder = Path(self.resolve_folder(opt))
+        self.dpath = str(self.folder / tokenize)
+        if not restore:
+            train_data, valid_data, test_data, self.vocab = self._load_data()
+            logger.info("[Finish data load]")
+            self.train_data, self.valid_data, self.test_data, self.side_data = self._data_preprocess(
+                train_data, valid_data, test_data)
+            embedding = opt.get("embedding", None)
+            if embedding:
+                path = os.path.join(self.dpath, embedding)
+                if not os.path.isfile(path):
+                    raise UserError(f"embedding: {path} does not exist (a .npy file of shape "
+                                    f"[vocab_size, dim] in the dataset's {tokenize} folder)")
+                self.side_data["embedding"] = np.load(path)
+                logger.debug(f"[Load pretrained embedding {embedding}]")
+            logger.info("[Finish data preprocess]")
+        else:
+            self.train_data, self.valid_data, self.test_data, self.side_data, self.vocab = \
+                self._load_from_restore()
+        if save:
+            data = (self.train_data, self.valid_data, self.test_data, self.side_data, self.vocab)
+            self._save_to_one(data)
+
+    # -- where the data is
+
+    @classmethod
+    def _name(cls, opt) -> str:
+        return cls.dataset_name or (opt.get("dataset", None) if opt is not None else None) or "?"
+
+    def resolve_folder(self, opt) -> Path:
+        """The processed folder to read (override to generate one on demand)."""
+        if self.bound_folder is not None:
+            return self.bound_folder
+        from lotcrs_plugin.paths import active_layout
+
+        name = self._name(opt)
+        folder = active_layout().dataset / name
+        if not (folder / "dataset.json").is_file():
+            raise UserError(f"dataset {name!r}: no processed folder at {folder} (expected "
+                            f"dataset.json there; make one with `crslab import-data`)")
+        return folder
+
+    def _load_from_restore(self, file_name="all_data.pkl"):
+        if not os.path.exists(os.path.join(self.dpath, file_name)):
+            raise UserError(f"restore_data: {os.path.join(self.dpath, file_name)} does not exist; "
+                            f"run once with save_data first")
+        return super()._load_from_restore(file_name)
+
+    # -- BaseDataset hooks
+
+    def _load_data(self):
+        self.raw = FolderData(self.folder)
+        raw = self.raw
+        self.entity2id = raw.entity2id
+        self.id2entity = {idx: e for e, idx in raw.entity2id.items()}
+        self.word2id = raw.word2id
+        self.n_entity = max(raw.entity2id.values()) + 1
+        self.n_word = max(raw.word2id.values(), default=0) + 1
+        if self.tokenize == "nltk":
+            self.tok2ind = raw.token2id
+            self.special_token_idx = dict(NLTK_SPECIAL_IDX)
+            self._turn_ids = None
+        else:
+            self._load_pretrained_tokenizer()
+        self.ind2tok = {idx: tok for tok, idx in self.tok2ind.items()}
+        self.unk_token_idx = self.special_token_idx["unk"]
+        vocab = {
+            "tok2ind": self.tok2ind,
+            "ind2tok": self.ind2tok,
+            "entity2id": self.entity2id,
+            "id2entity": self.id2entity,
+            "word2id": self.word2id,
+            "vocab_size": len(self.tok2ind),
+            "n_entity": self.n_entity,
+            "n_word": self.n_word,
+        }
+        vocab.update(self.special_token_idx)
+        return raw.splits["train"], raw.splits["valid"], raw.splits["test"], vocab
+
+    def _load_pretrained_tokenizer(self) -> None:
+        paths = self.opt.get("pretrained_path", None)
+        path = paths.get(self.tokenize) if isinstance(paths, dict) else None
+        if not path:
+            raise UserError(f"tokenize {self.tokenize!r} needs the config key pretrained_path: "
+                            f"{{{self.tokenize}: <local folder with a {self.tokenize} tokenizer>}}")
+        if not Path(path).is_dir():
+            raise UserError(f"pretrained_path.{self.tokenize}: {path} is not a folder")
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as e:
+            raise UserError(f"pretrained_path.{self.tokenize}: no tokenizer could be loaded from "
+                            f"{path} ({str(e).splitlines()[0]})") from None
+        self.tokenizer = tok
+        self.tok2ind = dict(sorted(tok.get_vocab().items(), key=lambda kv: kv[1]))
+        self.special_token_idx = _pretrained_special_idx(tok)
+        texts = [utt.get("raw_text") if isinstance(utt, dict) else None
+                 for utt in self.raw.iter_turns()]
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise UserError(f"{self.folder}: a turn has no \"raw_text\" string (turn #{bad} over "
+                            f"train, valid, test); tokenize {self.tokenize!r} reads raw_text")
+        # one batched call: fast tokenizers run it in Rust
+        ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        self._turn_ids = iter(ids)
+
+    def _data_preprocess(self, train_data, valid_data, test_data):
+        folder = self.folder
+        processed = [self._raw_data_process(data, folder / f"{split}_data.json")
+                     for split, data in zip(SPLITS, (train_data, valid_data, test_data))]
+        logger.debug("[Finish train/valid/test data process]")
+        side_data = self._side_data_process()
+        logger.debug("[Finish side data process]")
+        # the raw dialogs are no longer needed; dataset.json stays available
+        self.manifest = self.raw.manifest
+        self.raw = self._turn_ids = None
+        return processed[0], processed[1], processed[2], side_data
+
+    def _raw_data_process(self, raw_data: list, path: Path) -> list[dict]:
+        items = set(self.raw.item_ids)
+        samples: list[dict] = []
+        for conv in raw_data:
+            merged = self._merge_conv(self._id_turns(path, conv, items))
+            samples.extend(self._augment_and_add(merged))
+        return samples
+
+    def _id_turns(self, path: Path, conv: Any, items: set) -> Iterator[tuple[str, list, list, list, list]]:
+        tok2ind, unk, turn_ids = self.tok2ind, self.unk_token_idx, self._turn_ids
+        for utt, movie_ids, entity_ids, word_ids in _checked_turns(path, conv, self.entity2id,
+                                                                   self.word2id, items):
+            if turn_ids is None:
+                text_ids = [tok2ind.get(w, unk) for w in utt["text"]]
+            else:
+                text_ids = list(next(turn_ids))
+            yield utt["role"], text_ids, movie_ids, entity_ids, word_ids
+
+    @staticmethod
+    def _merge_conv(turns: Iterable[tuple[str, list, list, list, list]]) -> list[dict]:
+        """Consecutive turns of one role become one (as CRSLab's ReDial/Inspired do)."""
+        merged: list[dict] = []
+        last_role = None
+        for role, text, movies, entities, words in turns:
+            if role == last_role:
+                m = merged[-1]
+                m["text"] += text
+                m["movie"] += movies
+                m["entity"] += entities
+                m["word"] += words
+            else:
+                merged.append({"role": role, "text": text, "entity": entities, "movie": movies,
+                               "word": words})
+            last_role = role
+        return merged
+
+    @staticmethod
+    def _augment_and_add(raw_conv_dict: list[dict]) -> list[dict]:
+        """One sample per turn after the first, with everything said before it as context
+        (CRSLab's ReDialDataset._augment_and_add)."""
+        samples = []
+        context_tokens, context_entities, context_words, context_items = [], [], [], []
+        entity_set, word_set = set(), set()
+        for conv in raw_conv_dict:
+            text_tokens, entities, movies, words = conv["text"], conv["entity"], conv["movie"], conv["word"]
+            if context_tokens:
+                samples.append({
+                    "role": conv["role"],
+                    "context_tokens": list(context_tokens),
+                    "response": text_tokens,
+                    "context_entities": list(context_entities),
+                    "context_words": list(context_words),
+                    "context_items": list(context_items),
+                    "items": movies,
+                })
+            context_tokens.append(text_tokens)
+            context_items += movies
+            for entity in entities + movies:
+                if entity not in entity_set:
+                    entity_set.add(entity)
+                    context_entities.append(entity)
+            for word in words:
+                if word not in word_set:
+                    word_set.add(word)
+                    context_words.append(word)
+        return samples
+
+    def _side_data_process(self) -> dict:
+        raw = self.raw
+        return {
+            "entity_kg": self._entity_kg_process(),
+            "word_kg": self._word_kg_process(),
+            "item_entity_ids": list(raw.item_ids),
+            "item_stats": {int(i): raw.item_stats[str(i)] for i in raw.item_ids},
+        }
+
+    def _entity_kg_process(self) -> dict:
+        """Inspired's KG processing: both directions of every triple plus a self loop for each
+        entity in a triple; edges deduplicated. Relation ids by first appearance, the self loop
+        right after the first relation, as Inspired numbers them."""
+        heads, rel_names, tails = self.raw.entity_triples
+        if len(heads) == 0:
+            # RGCN needs at least one edge: self loops for the items
+            items = np.asarray(self.raw.item_ids, dtype=np.int64)
+            edges = np.stack([items, items, np.zeros_like(items)], axis=1)
+            relation2id = {SELF_LOOP: 0}
+        else:
+            relation2id = {}
+            for r in [rel_names[0], SELF_LOOP, *rel_names[1:]]:
+                relation2id.setdefault(r, len(relation2id))
+            rel = np.asarray([relation2id[r] for r in rel_names], dtype=np.int64)
+            nodes = np.unique(np.concatenate([heads, tails]))
+            loop = np.full(len(nodes), relation2id[SELF_LOOP], dtype=np.int64)
+            edges = np.concatenate([
+                np.stack([heads, tails, rel], axis=1),
+                np.stack([tails, heads, rel], axis=1),
+                np.stack([nodes, nodes, loop], axis=1),
+            ])
+        edges = np.unique(edges, axis=0)
+        nodes = np.unique(edges[:, :2])
+        return {
+            "edge": [tuple(e) for e in edges.tolist()],
+            "n_relation": len(relation2id),
+            "entity": sorted(self.id2entity[i] for i in nodes.tolist()),
+        }
+
+    def _word_kg_process(self) -> dict:
+        pairs = self.raw.word_pairs
+        edges = np.unique(np.concatenate([pairs, pairs[:, ::-1]]), axis=0)
+        id2word = {i: w for w, i in self.word2id.items()}
+        return {
+            "edge": [tuple(e) for e in edges.tolist()],
+            "entity": sorted(id2word[i] for i in np.unique(edges).tolist()),
+        }
+
+
+def _pretrained_special_idx(tok) -> dict:
+    """pad/start/end/unk from a Hugging Face tokenizer, in CRSLab's roles: start is [CLS]
+    (else BOS), end is [SEP] (else EOS). A tokenizer without a pad token (GPT-2) pads with id 0,
+    as CRSLab's own gpt2 resources do."""
+    def first(*ids):
+        return next((i for i in ids if i is not None), None)
+
+    idx = {
+        "pad": first(tok.pad_token_id, 0),
+        "start": first(tok.cls_token_id, tok.bos_token_id),
+        "end": first(tok.sep_token_id, tok.eos_token_id),
+        "unk": first(tok.unk_token_id, tok.eos_token_id, tok.sep_token_id),
+        "pad_entity": 0,
+        "pad_word": 0,
+    }
+    missing = [k for k, v in idx.items() if v is None]
+    if missing:
+        raise UserError(f"the tokenizer {getattr(tok, 'name_or_path', '')!r} has no token for "
+                        f"{', '.join(missing)} (needs [CLS]/BOS and [SEP]/EOS)")
+    return idx
+
+
+# ---- classes bound to a folder ---------------------------------------------------------------
+
+_bound_classes: dict[tuple[str, Path], type] = {}
+
+
+def dataset_class_for(name: str, folder: str | os.PathLike) -> type:
+    """A ProcessedDataset subclass that reads ``folder``, to register as dataset ``name``.
+
+    The folder is checked now (files present, dataset.json valid). The same (name, folder)
+    gives the same class, so registering it twice is not a conflict.
+    """
+    folder = Path(folder).resolve()
+    key = (name, folder)
+    cls = _bound_classes.get(key)
+    if cls is None:
+        check_folder(folder)
+        cls = type(f"Processed_{name}", (ProcessedDataset,), {
+            "dataset_name": name,
+            "bound_folder": folder,
+            "__module__": __name__,
+            "__doc__": f"Processed dataset {name!r} read from {folder}.",
+        })
+        _bound_classes[key] = cls
+    return cls

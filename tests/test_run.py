@@ -1,0 +1,106 @@
+"""`crslab run` end to end: CRSLab's own recommenders train and test on the synthetic dataset,
+and a run writes nothing into site-packages or the current directory."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lotcrs_plugin.runner import run
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINES = REPO / "crslab_configs" / "baselines"
+SMALL = {"n_items": 60, "n_conversations": 160, "seed": 3}
+
+
+def load(name: str, **changes) -> dict:
+    opt = yaml.safe_load((BASELINES / name).read_text())
+    opt["synthetic"] = dict(SMALL)
+    for stage in ("rec", "conv"):
+        if stage in opt:
+            opt[stage]["epoch"] = 1
+    opt.update(changes)
+    return opt
+
+
+def assert_rec_metrics_in_range(metrics: dict[str, float]) -> None:
+    for k in (1, 10, 50):
+        for name in ("hit", "ndcg", "mrr"):
+            value = metrics[f"{name}@{k}"]
+            assert 0.0 <= value <= 1.0 and not math.isnan(value), (name, k, value)
+    assert metrics["hit@1"] <= metrics["hit@10"] <= metrics["hit@50"]
+    assert metrics["mrr@10"] <= metrics["ndcg@10"] <= metrics["hit@10"] + 1e-9
+
+
+@pytest.mark.parametrize("config", ["synthetic_textcnn.yaml", "synthetic_sasrec.yaml",
+                                    "synthetic_gru4rec.yaml", "synthetic_popularity.yaml"])
+def test_crslab_recommenders_run(config):
+    result = run(load(config))
+    assert_rec_metrics_in_range(result.test["rec"])
+    assert Path(result.results_file).is_file() and Path(result.log_file).is_file()
+
+
+def test_kbrd_runs_rec_and_conv():
+    result = run(load("synthetic_kbrd.yaml"))
+    assert_rec_metrics_in_range(result.test["rec"])
+    gen = result.test["gen"]
+    assert 0.0 <= gen["f1"] <= 1.0
+
+
+def _tiny_bert(folder: Path, words: list[str]) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_bert_with_a_tiny_local_model(tmp_path):
+    import json
+
+    # the synthetic dataset's words make the tiny model's vocabulary, as a real one would cover them
+    first = run(load("synthetic_popularity.yaml"))
+    from lotcrs_plugin import paths
+
+    token_files = list(paths.active_layout().dataset.glob("synthetic/*/token2id.json"))
+    assert token_files
+    words = [w for f in token_files for w in json.loads(f.read_text()) if not w.startswith("__")]
+    model_dir = _tiny_bert(tmp_path / "tiny-bert", words)
+    result = run(load("synthetic_bert.yaml", pretrained_path={"bert": str(model_dir)}))
+    assert_rec_metrics_in_range(result.test["rec"])
+    assert first.test["rec"] != result.test["rec"]
+
+
+def _snapshot(folder: Path) -> set[str]:
+    return {os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
+            if "__pycache__" not in d}
+
+
+def test_demo_run_writes_only_under_the_root(tmp_path):
+    """The README's main job: nothing lands in site-packages or the current directory."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    before = _snapshot(site)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    home = tmp_path / "home"
+    env = {**os.environ, "LOTCRS_HOME": str(home)}
+    exe = Path(sys.executable).parent / "crslab"
+    cmd = [str(exe), "run"] if exe.exists() else [sys.executable, "-m", "lotcrs_plugin", "run"]
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tail_coverage" in out.stdout and "catalog 200 items" in out.stdout
+    assert list(cwd.iterdir()) == []
+    assert _snapshot(site) - before == set()
+    assert list((home / "results").glob("*.json")) and list((home / "log").glob("*.log"))
