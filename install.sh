@@ -26,6 +26,7 @@ if "$py" -c "import torch" 2>/dev/null; then
 else
   "${pip[@]}" "torch==2.13.0"
 fi
-"${pip[@]}" --no-deps "crslab==0.1.2"
 "${pip[@]}" ".${extras}"
+# last, so that pip does not list CRSLab's unmet 2021 pins as conflicts
+"${pip[@]}" --no-deps "crslab==0.1.2"
 echo "install.sh: installed into $("$py" -c 'import sys; print(sys.prefix)')"
