@@ -30,9 +30,15 @@ PLUGIN_PARTS: dict[str, dict[str, str]] = {
     "dataset": {
         "synthetic": "lotcrs_plugin.data.synthetic:SyntheticDataset",
     },
-    "dataloader": {},
-    "model": {},
-    "system": {},
+    "dataloader": {
+        "RepeatPopularity": "lotcrs_plugin.model.repeat_ranker:RepeatPopularityDataLoader",
+    },
+    "model": {
+        "RepeatPopularity": "lotcrs_plugin.model.repeat_ranker:RepeatPopularityModel",
+    },
+    "system": {
+        "RepeatPopularity": "lotcrs_plugin.model.repeat_ranker:RepeatPopularitySystem",
+    },
     "evaluator": {
         "longtail": "lotcrs_plugin.evaluator.longtail:LongTailEvaluator",
     },

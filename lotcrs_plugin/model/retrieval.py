@@ -1,0 +1,453 @@
+"""The memory store of retrieval-augmented fine-tuning (LOT-CRS step 3), on tensors.
+
+Built from the simulated data: one entry per (context, item) with key = the context
+representation with the item masked [N, Hk], value = the backbone's hidden state at the mask
+[N, Hv], and the entry's item id. Keys go into a faiss inner-product index (``flat``: exact,
+the authors' IndexFlatIP; ``ivf`` or ``hnsw``: approximate, for large catalogs); values stay
+in a torch tensor, copied once to each device that queries it, so :meth:`MemoryStore.search`
+returns them where the query lives.
+
+The config block ``retrieval:`` (:class:`RetrievalConfig`) also carries the fusion and
+retrieval-loss settings that lotcrs_plugin.model.fusion uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from loguru import logger
+
+from lotcrs_plugin.errors import UserError
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+MANIFEST = "manifest.json"
+FORMAT = "lotcrs-memory-store"
+FORMAT_VERSION = 1
+# faiss warns below 39 training points per IVF cell; fewer cells than that are clamped away
+_IVF_POINTS_PER_CELL = 39
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """The ``retrieval:`` block: memory store, fusion and retrieval loss.
+
+    Store:
+      index:           flat (exact inner product, faiss IndexFlatIP), ivf (IndexIVFFlat, keys
+                       clustered into ``nlist`` cells, ``nprobe`` searched) or hnsw
+                       (IndexHNSWFlat, graph with ``hnsw_m`` links, ``ef_search`` beam).
+      top_k:           entries retrieved per query.
+      normalize:       L2-normalise keys and queries (cosine similarity instead of inner product).
+      max_per_item:    keep at most this many entries per item (the authors keep 10); null keeps all.
+      sample_seed:     null keeps each item's first entries in input order; an integer draws
+                       them at random with this seed.
+      nlist, nprobe:   ivf cells (clamped to N // 39 so every cell has training points) and
+                       cells searched per query.
+      hnsw_m, ef_construction, ef_search: hnsw links per node, build beam and search beam
+                       (raised to top_k when smaller).
+      exclude_same_item: while training, drop entries of the sample's own item from its
+                       neighbours (for a store built from the data being trained on).
+    Fusion (lotcrs_plugin.model.fusion.RetrievalFusion):
+      fusion_weight:   w in LayerNorm(h + w * attention); dropout: on the attention output.
+    Retrieval loss (lotcrs_plugin.model.fusion.retrieval_contrastive_loss):
+      loss_weight:     its weight in the fine-tuning loss (authors: 0.6; 0 turns it off).
+      n_pos, n_neg:    keys of the target item (positives) and of other items (negatives) per query.
+      temperature:     softmax temperature of the scores.
+    """
+
+    index: str = "flat"
+    top_k: int = 10
+    normalize: bool = False
+    max_per_item: int | None = 10
+    sample_seed: int | None = None
+    nlist: int = 1024
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+    exclude_same_item: bool = False
+    fusion_weight: float = 1.0
+    dropout: float = 0.1
+    loss_weight: float = 0.6
+    n_pos: int = 4
+    n_neg: int = 512
+    temperature: float = 0.05
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "RetrievalConfig":
+        """Validate a ``retrieval:`` block; UserError names an unknown key or a wrong value."""
+        d = dict(d or {})
+        known = [f.name for f in fields(cls)]
+        for key in d:
+            if key not in known:
+                raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
+        if "index" in d and d["index"] not in INDEX_KINDS:
+            raise UserError(f"key 'index' must be one of {', '.join(INDEX_KINDS)}, not {d['index']!r}")
+        for key in ("normalize", "exclude_same_item"):
+            if key in d and not isinstance(d[key], bool):
+                raise UserError(f"key '{key}' must be true or false, not {d[key]!r}")
+        for key in ("top_k", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search", "n_pos", "n_neg"):
+            if key in d and not (_is_int(d[key]) and d[key] > 0):
+                raise UserError(f"key '{key}' must be an integer > 0, not {d[key]!r}")
+        if d.get("max_per_item") is not None and not (_is_int(d["max_per_item"]) and d["max_per_item"] > 0):
+            raise UserError(f"key 'max_per_item' must be an integer > 0 or null, not {d['max_per_item']!r}")
+        if d.get("sample_seed") is not None and not _is_int(d["sample_seed"]):
+            raise UserError(f"key 'sample_seed' must be an integer or null, not {d['sample_seed']!r}")
+        for key, low, high in (("fusion_weight", 0.0, math.inf), ("loss_weight", 0.0, math.inf),
+                               ("dropout", 0.0, 1.0)):
+            if key in d:
+                if not _is_number(d[key]) or not low <= d[key] < high:
+                    raise UserError(f"key '{key}' must be a number in [{low:g}, {high:g}), not {d[key]!r}")
+                d[key] = float(d[key])
+        if "temperature" in d:
+            if not _is_number(d["temperature"]) or not d["temperature"] > 0:
+                raise UserError(f"key 'temperature' must be a number > 0, not {d['temperature']!r}")
+            d["temperature"] = float(d["temperature"])
+        return cls(**d)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class RetrievalResult(NamedTuple):
+    """Neighbours of B queries, best first. A slot with no neighbour (approximate indexes can
+    return fewer than k; exclusions can leave too few) has entry -1, item -1, score -inf and a
+    zero value; :attr:`mask` marks the filled slots."""
+
+    scores: torch.Tensor   # [B, k] float32, on the query's device
+    values: torch.Tensor   # [B, k, Hv] float32, on the query's device
+    items: torch.Tensor    # [B, k] int64 item ids
+    entries: torch.Tensor  # [B, k] int64 entry ids (row numbers in the arrays given to build)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.entries >= 0
+
+
+def _as_numpy(x: Any, dtype: type) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(x), dtype=dtype)
+
+
+def _select_per_item(items: np.ndarray, max_per_item: int | None, seed: int | None) -> np.ndarray:
+    """Row numbers kept: at most ``max_per_item`` per item (first ones, or random with ``seed``),
+    in their original order. Vectorised: a stable sort by item and the rank within each run."""
+    n = items.shape[0]
+    if max_per_item is None:
+        return np.arange(n, dtype=np.int64)
+    order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
+    order = order[np.argsort(items[order], kind="stable")]
+    sorted_items = items[order]
+    starts = np.flatnonzero(np.r_[True, sorted_items[1:] != sorted_items[:-1]])
+    run_start = np.repeat(starts, np.diff(np.r_[starts, n]))
+    rank = np.arange(n) - run_start
+    return np.sort(order[rank < max_per_item]).astype(np.int64)
+
+
+class MemoryStore:
+    """Keys in a faiss index, values and item ids beside them; see the module docstring.
+
+    Build with :meth:`build`, or :meth:`load` a folder written by :meth:`save`.
+    """
+
+    def __init__(self, config: RetrievalConfig, index: Any, keys: np.ndarray, values: np.ndarray,
+                 items: np.ndarray, entry_ids: np.ndarray):
+        self.config = config
+        self.index = index
+        self.keys = keys            # [N, Hk] float32, normalised when config.normalize
+        self.values = values        # [N, Hv] float32
+        self.items = items          # [N] int64
+        self.entry_ids = entry_ids  # [N] int64: row of the entry in the arrays given to build
+        self._device_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._index_by_item()
+        self._apply_search_params()
+
+    # ---- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, keys: Any, values: Any, items: Any, config: RetrievalConfig | None = None) -> "MemoryStore":
+        """A store of the rows of ``keys`` [N, Hk], ``values`` [N, Hv], ``items`` [N] (tensors or
+        arrays), with at most ``config.max_per_item`` entries per item."""
+        config = config or RetrievalConfig()
+        keys = _as_numpy(keys, np.float32)
+        values = _as_numpy(values, np.float32)
+        items = _as_numpy(items, np.int64).reshape(-1)
+        if keys.ndim != 2 or values.ndim != 2:
+            raise UserError(f"memory store: keys and values must be 2-D [N, H], got {keys.shape} and {values.shape}")
+        if not keys.shape[0] == values.shape[0] == items.shape[0]:
+            raise UserError(f"memory store: keys, values and items must have the same number of rows, "
+                            f"got {keys.shape[0]}, {values.shape[0]} and {items.shape[0]}")
+        if keys.shape[0] == 0:
+            raise UserError("memory store: no entries to build from; give at least one (key, value, item) row")
+        rows = _select_per_item(items, config.max_per_item, config.sample_seed)
+        # own copies: the caller's arrays (or tensors sharing memory with them) may change later
+        if rows.shape[0] < keys.shape[0]:
+            keys, values, items = keys[rows], values[rows], items[rows]
+        else:
+            keys, values, items = keys.copy(), values.copy(), items.copy()
+        return cls._from_arrays(config, keys, values, items, rows)
+
+    @classmethod
+    def _from_arrays(cls, config: RetrievalConfig, keys: np.ndarray, values: np.ndarray,
+                     items: np.ndarray, entry_ids: np.ndarray) -> "MemoryStore":
+        """From arrays the store owns (keys are normalised in place when configured)."""
+        # a float64 sum of float32 values cannot overflow: it is finite unless a key is NaN/inf
+        if not np.isfinite(keys.sum(dtype=np.float64)):
+            raise UserError("memory store: keys contain NaN or infinite values; check the encoder output")
+        if config.normalize:
+            _normalize(keys)
+        return cls(config, _make_index(config, keys), keys, values, items, entry_ids)
+
+    def refresh(self, keys: Any, values: Any, items: Any | None = None) -> None:
+        """Rebuild from new keys and values (e.g. after the encoder changed).
+
+        Without ``items``: one row per current entry, in the store's order (``self.entry_ids``
+        gives their original rows). With ``items``: a full rebuild as :meth:`build` does.
+        """
+        if items is not None:
+            fresh = MemoryStore.build(keys, values, items, self.config)
+        else:
+            keys = _as_numpy(keys, np.float32)
+            values = _as_numpy(values, np.float32)
+            if keys.ndim != 2 or values.ndim != 2 or keys.shape[0] != len(self) or values.shape[0] != len(self):
+                raise UserError(f"memory store refresh: keys and values must have one row per entry "
+                                f"({len(self)}), got {keys.shape} and {values.shape}; pass items to rebuild")
+            fresh = MemoryStore._from_arrays(self.config, keys.copy(), values.copy(), self.items, self.entry_ids)
+        self.__dict__.update(fresh.__dict__)
+
+    def _index_by_item(self) -> None:
+        """Entries grouped by item (for positives of the retrieval loss and exclusions)."""
+        self.item_order = np.argsort(self.items, kind="stable")
+        self.unique_items, self.item_start, self.item_count = np.unique(
+            self.items[self.item_order], return_index=True, return_counts=True)
+        self.max_item_count = int(self.item_count.max())
+
+    def _apply_search_params(self) -> None:
+        import faiss
+
+        if self.config.index == "ivf":
+            faiss.extract_index_ivf(self.index).nprobe = min(self.config.nprobe, self.index.nlist)
+        elif self.config.index == "hnsw":
+            self.index.hnsw.efSearch = max(self.config.ef_search, self.config.top_k)
+
+    def set_search_params(self, **changes: Any) -> None:
+        """Change top_k, nprobe or ef_search of a built or loaded store."""
+        allowed = ("top_k", "nprobe", "ef_search", "exclude_same_item")
+        bad = [k for k in changes if k not in allowed]
+        if bad:
+            raise UserError(f"memory store: cannot change {', '.join(bad)} after building; "
+                            f"changeable: {', '.join(allowed)}")
+        RetrievalConfig.from_dict(changes)  # validates the values
+        self.config = replace(self.config, **changes)
+        self._apply_search_params()
+
+    # ---- properties -----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.items.shape[0])
+
+    @property
+    def key_dim(self) -> int:
+        return int(self.keys.shape[1])
+
+    @property
+    def value_dim(self) -> int:
+        return int(self.values.shape[1])
+
+    def tensor(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """``keys``, ``values`` or ``items`` as a tensor on ``device``, copied once per device."""
+        device = torch.device(device)
+        key = (name, str(device))
+        cached = self._device_cache.get(key)
+        if cached is None:
+            cached = torch.from_numpy(getattr(self, name)).to(device)
+            self._device_cache[key] = cached
+        return cached
+
+    # ---- search ---------------------------------------------------------------------------
+
+    def search(self, queries: torch.Tensor, k: int | None = None, *,
+               exclude_items: torch.Tensor | None = None,
+               exclude_entries: torch.Tensor | None = None) -> RetrievalResult:
+        """The k nearest entries of each query [B, Hk], in one batched faiss call.
+
+        exclude_items [B]: drop entries of this item for that query (-1: none).
+        exclude_entries [B] or [B, m]: drop these entry ids (rows given to build; -1: none),
+        e.g. the sample itself when the store holds the training data.
+        """
+        k = self.config.top_k if k is None else int(k)
+        if len(self) == 0:
+            raise UserError("memory store is empty; build it from at least one entry")
+        if k <= 0 or k > len(self):
+            raise UserError(f"memory store: top_k={k} but the store has {len(self)} entries; "
+                            f"use 1 <= top_k <= {len(self)}")
+        if queries.ndim != 2 or queries.shape[1] != self.key_dim:
+            raise UserError(f"memory store: queries must be [B, {self.key_dim}] (the key size), "
+                            f"got {list(queries.shape)}")
+        device = queries.device
+        q = _as_numpy(queries, np.float32)
+        if self.config.normalize:
+            q = q.copy()  # the array may share memory with the caller's tensor
+            _normalize(q)
+        b = q.shape[0]
+        ex_items = None if exclude_items is None else _as_numpy(exclude_items, np.int64).reshape(b)
+        ex_entries = None
+        if exclude_entries is not None:
+            ex_entries = _as_numpy(exclude_entries, np.int64).reshape(b, -1)
+        # search deep enough that k remain after the exclusions
+        extra = (self.max_item_count if ex_items is not None else 0) + (
+            ex_entries.shape[1] if ex_entries is not None else 0)
+        depth = min(len(self), k + extra)
+        scores, pos = self.index.search(q, depth)
+        valid = pos >= 0
+        safe = np.where(valid, pos, 0)
+        if ex_items is not None:
+            valid &= self.items[safe] != ex_items[:, None]
+        if ex_entries is not None:
+            valid &= ~(self.entry_ids[safe][:, :, None] == ex_entries[:, None, :]).any(-1)
+        if extra or not valid.all():
+            # keep the first k valid slots per row, in score order (stable sort on "invalid")
+            take = np.argsort(~valid, axis=1, kind="stable")[:, :k]
+            pos = np.take_along_axis(pos, take, 1)
+            scores = np.take_along_axis(scores, take, 1)
+            valid = np.take_along_axis(valid, take, 1)
+        else:
+            pos, scores = pos[:, :k], scores[:, :k]
+        pos = np.where(valid, pos, -1)
+        scores = np.where(valid, scores, -np.inf).astype(np.float32)
+        safe = np.where(valid, pos, 0)
+        items = np.where(valid, self.items[safe], -1)
+        entries = np.where(valid, self.entry_ids[safe], -1)
+        all_valid = bool(valid.all())
+        if device.type == "cpu":
+            # numpy's gather is single-threaded and several times faster than torch's on a busy CPU
+            gathered = self.values[safe]
+            if not all_valid:
+                gathered[~valid] = 0.0
+            values = torch.from_numpy(gathered)
+        else:
+            values = self.tensor("values", device)[torch.from_numpy(safe).to(device)]
+            if not all_valid:
+                values = values * torch.from_numpy(valid).to(device).unsqueeze(-1)
+        return RetrievalResult(torch.from_numpy(scores).to(device), values,
+                               torch.from_numpy(items).to(device), torch.from_numpy(entries).to(device))
+
+    def entries_of_items(self, items: torch.Tensor, n: int, *,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to ``n`` store positions of each item [B]: positions [B, n] and a valid mask [B, n].
+
+        An item with more than n entries gives n consecutive ones (cyclically) from a random start.
+        """
+        device = items.device
+        it = items.detach().cpu().numpy().astype(np.int64)
+        g = np.searchsorted(self.unique_items, it)
+        g = np.minimum(g, self.unique_items.shape[0] - 1)
+        found = self.unique_items[g] == it
+        start = torch.from_numpy(self.item_start[g])
+        count = torch.from_numpy(np.where(found, self.item_count[g], 0))
+        offset = (torch.rand(it.shape[0], generator=generator) * count).long()
+        j = torch.arange(n)
+        slot = (offset[:, None] + j[None, :]) % count.clamp(min=1)[:, None]
+        order = torch.from_numpy(self.item_order)
+        positions = order[start[:, None] + slot]
+        valid = j[None, :] < count[:, None]
+        return positions.to(device), valid.to(device)
+
+    # ---- files ----------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write index.faiss, keys/values/items/entry_ids .npy and manifest.json (written last,
+        so a folder with a manifest is complete)."""
+        import faiss
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)
+        faiss.write_index(self.index, str(folder / "index.faiss"))
+        for name in ("keys", "values", "items", "entry_ids"):
+            np.save(folder / f"{name}.npy", getattr(self, name))
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "config": asdict(self.config),
+            "n_entries": len(self),
+            "key_dim": self.key_dim,
+            "value_dim": self.value_dim,
+            "n_items": int(self.unique_items.shape[0]),
+            "faiss_version": faiss.__version__,
+        }
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "MemoryStore":
+        """A store written by :meth:`save`; UserError names a missing or inconsistent file."""
+        import faiss
+
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise UserError(f"memory store: {path} not found; give a folder written by MemoryStore.save")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+            raise UserError(f"{path}: not a memory store of format {FORMAT} version {FORMAT_VERSION}")
+        try:
+            config = RetrievalConfig.from_dict(manifest["config"])
+        except UserError as err:
+            raise UserError(f"{path}: config: {err}") from None
+        arrays = {}
+        for name in ("keys", "values", "items", "entry_ids"):
+            f = folder / f"{name}.npy"
+            if not f.is_file():
+                raise UserError(f"memory store: {f} not found; the folder is incomplete, save it again")
+            arrays[name] = np.load(f)
+        n = manifest["n_entries"]
+        if (arrays["keys"].shape != (n, manifest["key_dim"]) or arrays["values"].shape != (n, manifest["value_dim"])
+                or arrays["items"].shape != (n,) or arrays["entry_ids"].shape != (n,)):
+            raise UserError(f"{path}: the .npy files do not match the manifest's {n} entries; save the store again")
+        index = faiss.read_index(str(folder / "index.faiss"))
+        if index.ntotal != n or index.d != manifest["key_dim"]:
+            raise UserError(f"{folder / 'index.faiss'}: holds {index.ntotal} vectors of size {index.d}, "
+                            f"the manifest says {n} of size {manifest['key_dim']}")
+        return cls(config, index, arrays["keys"], arrays["values"], arrays["items"], arrays["entry_ids"])
+
+
+def _normalize(x: np.ndarray) -> None:
+    """L2-normalise rows in place (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+
+
+def _make_index(config: RetrievalConfig, keys: np.ndarray) -> Any:
+    import faiss
+
+    n, d = keys.shape
+    ip = faiss.METRIC_INNER_PRODUCT
+    if config.index == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif config.index == "ivf":
+        nlist = max(1, min(config.nlist, n // _IVF_POINTS_PER_CELL))
+        if nlist != config.nlist:
+            logger.info(f"[retrieval] ivf: {n} keys support {nlist} cells, not {config.nlist}")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, ip)
+        index.cp.seed = 1234 if config.sample_seed is None else config.sample_seed
+        index.train(keys)
+    else:
+        index = faiss.IndexHNSWFlat(d, config.hnsw_m, ip)
+        index.hnsw.efConstruction = config.ef_construction
+    index.add(keys)
+    return index
