@@ -381,6 +381,13 @@ class ProcessedDataset(BaseDataset):
         processed = [self._raw_data_process(data, folder / f"{split}_data.json")
                      for split, data in zip(SPLITS, (train_data, valid_data, test_data))]
         logger.debug("[Finish train/valid/test data process]")
+        self.simulated_data: list[dict] = []
+        if self.opt.get("simulation", None) is not None:
+            self.simulated_data = self._simulated_samples()
+            from lotcrs_plugin.data.simulator import SimulationConfig
+
+            if SimulationConfig.from_dict(self.opt["simulation"]).add_to_train:
+                processed[0] = processed[0] + self.simulated_data
         side_data = self._side_data_process()
         logger.debug("[Finish side data process]")
         # the raw dialogs are no longer needed; dataset.json stays available
@@ -388,7 +395,25 @@ class ProcessedDataset(BaseDataset):
         self.raw = self._turn_ids = None
         return processed[0], processed[1], processed[2], side_data
 
-    def _raw_data_process(self, raw_data: list, path: Path) -> list[dict]:
+    def _simulated_samples(self) -> list[dict]:
+        """Samples of the balanced simulated dialogs (config block `simulation:`), generated once
+        per dataset and settings, then read from the cache; streamed, never loaded whole."""
+        from lotcrs_plugin.data.simulator import SimulationConfig, iter_simulated, simulate
+
+        sim_folder = simulate(self.folder, SimulationConfig.from_dict(self.opt["simulation"]))
+        path = sim_folder / "simulated_data.json"
+        dialogs = iter_simulated(sim_folder)
+        saved_turn_ids = self._turn_ids
+        if saved_turn_ids is not None:  # a pretrained tokenizer: one batched call over the raw texts
+            dialogs = list(dialogs)
+            texts = [utt["raw_text"] for conv in dialogs for utt in _dialog_of(path, conv)]
+            self._turn_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        samples = self._raw_data_process(dialogs, path)
+        self._turn_ids = saved_turn_ids
+        logger.info(f"[Simulated data: {len(samples)} samples from {sim_folder}]")
+        return samples
+
+    def _raw_data_process(self, raw_data: Iterable, path: Path) -> list[dict]:
         items = set(self.raw.item_ids)
         samples: list[dict] = []
         for conv in raw_data:
