@@ -32,12 +32,15 @@ PLUGIN_PARTS: dict[str, dict[str, str]] = {
     },
     "dataloader": {
         "RepeatPopularity": "lotcrs_plugin.model.repeat_ranker:RepeatPopularityDataLoader",
+        "LOTCRSPretrain": "lotcrs_plugin.system.pretrain:LOTCRSPretrainDataLoader",
     },
     "model": {
         "RepeatPopularity": "lotcrs_plugin.model.repeat_ranker:RepeatPopularityModel",
+        "LOTCRSPretrain": "lotcrs_plugin.system.pretrain:LOTCRSPretrainModel",
     },
     "system": {
         "RepeatPopularity": "lotcrs_plugin.model.repeat_ranker:RepeatPopularitySystem",
+        "LOTCRSPretrain": "lotcrs_plugin.system.pretrain:LOTCRSPretrainSystem",
     },
     "evaluator": {
         "longtail": "lotcrs_plugin.evaluator.longtail:LongTailEvaluator",
