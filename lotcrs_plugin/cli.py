@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "lotcrs_plugin.commands.run",
     "lotcrs_plugin.commands.list",
     "lotcrs_plugin.commands.import_data",
+    "lotcrs_plugin.commands.simulate",
+    "lotcrs_plugin.commands.compare",
 )
 
 

@@ -49,12 +49,19 @@ PLUGIN_KEYS: dict[str, tuple[tuple[type, ...], Any]] = {
     "batch_size": ((int,), None),
     "model_file": ((str,), None),
     "log_name": ((str,), None),
+    "backbone": ((str,), None),            # LOT-CRS backbone: bert | bart | unicrs (see lotcrs_plugin.model.backbones)
+    "backbone_path": ((str, dict), None),  # a Hugging Face name or local folder (unicrs: a mapping of parts)
 }
 
 # block key -> "module:Dataclass" with a classmethod from_dict(dict) that validates the block.
 CONFIG_BLOCKS: dict[str, str] = {
     "synthetic": "lotcrs_plugin.data.synthetic:SyntheticConfig",
     "longtail": "lotcrs_plugin.evaluator.config:LongTailConfig",
+    "simulation": "lotcrs_plugin.data.simulator:SimulationConfig",
+    "retrieval": "lotcrs_plugin.model.retrieval:RetrievalConfig",
+    "smoothing": "lotcrs_plugin.model.smoothing:SmoothingConfig",
+    "lotcrs_pretrain": "lotcrs_plugin.system.pretrain:PretrainConfig",
+    "selection": "lotcrs_plugin.system.selection:SelectionConfig",
 }
 
 _OPT_KEY = re.compile(r"""(?:opt|config)(?:\[|\.get\()\s*['"]([A-Za-z_][A-Za-z_0-9]*)['"]""")
@@ -159,6 +166,9 @@ def validate(opt: dict, where: str = "config") -> dict:
                 raise UserError(f"{where}: block '{key}': {err}") from None
     result = {k: default for k, (_, default) in PLUGIN_KEYS.items() if default is not None}
     result.update(opt)
+    if isinstance(result.get("pretrained_path"), dict):  # '~/models/x' means the user's home for every reader
+        result["pretrained_path"] = {k: os.path.expanduser(v) if isinstance(v, str) else v
+                                     for k, v in result["pretrained_path"].items()}
     return result
 
 

@@ -32,6 +32,7 @@ class RunResult:
     model_name: str
     test: dict[str, dict[str, float]] = field(default_factory=dict)
     reports: list[dict[str, Any]] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)  # the tested epoch of the rec stage
     log_file: str = ""
     results_file: str = ""
     model_file: str = ""
@@ -122,7 +123,11 @@ def run(
             return result
         if hasattr(system, "evaluator"):
             _capture_reports(system.evaluator, result.reports)
+        from lotcrs_plugin.system.selection import attach_selection, selection_summary
+
+        selector = attach_selection(system, opt)
         system.fit()
+        result.selection = selection_summary(selector)
         if save_system:
             system.save_model()
     finally:

@@ -31,6 +31,7 @@ from crslab.evaluator.utils import nice_report  # noqa: E402
 
 from lotcrs_plugin.errors import UserError  # noqa: E402
 from lotcrs_plugin.evaluator.catalog import Catalog, find_in_side_data, load_item_stats  # noqa: E402
+from lotcrs_plugin.evaluator.buckets import popularity_histogram  # noqa: E402
 from lotcrs_plugin.evaluator.config import LongTailConfig  # noqa: E402
 from lotcrs_plugin.evaluator.hook import SystemAwareEvaluator  # noqa: E402
 from lotcrs_plugin.evaluator.metrics import CRSLAB_NAMES, LONGTAIL_METRICS, RankData  # noqa: E402
@@ -354,6 +355,7 @@ class LongTailEvaluator(SystemAwareEvaluator):
         }
         for name, mask in self.subset_flags().items():
             report["subsets"][name] = self._part(data.subset(mask))
+        report["popularity_buckets"] = popularity_histogram(data, report["ks"])
         return report
 
     def _part(self, data: RankData) -> dict[str, Any]:
@@ -371,7 +373,9 @@ class LongTailEvaluator(SystemAwareEvaluator):
         ``last_report`` = {"mode", "epoch", "index_space", "tail": {"definition",
         "count_field", "catalog_size", "tail_size", "tail_max_count", "popularity_source"},
         "ks", "n_samples", "n_tail_samples", "metrics": {"recall@10": ..., ...},
-        "subsets": {name: {"n_samples", "n_tail_samples", "metrics"}}}; undefined values
+        "subsets": {name: {"n_samples", "n_tail_samples", "metrics"}}, "popularity_buckets":
+        {"upper_bounds", "labels", "catalog_items", "targets", "recommended": {k: [...]}} (see
+        lotcrs_plugin.evaluator.buckets)}; undefined values
         (e.g. tail recall without a tail target) are None. It is None after a report with no
         item sample (a training epoch, a conversation or policy stage).
         """
