@@ -7,7 +7,7 @@ CRSLab's hit/ndcg/mrr (``test.rec``); the tested epoch from ``selection``. A con
 becomes a row with its one-line error; the comparison goes on.
 
 Finished runs are cached under ``<root>/compare/cache/<config stem>-<hash>.json`` (the hash is
-of the config's text and the seed), so an interrupted comparison resumes where it stopped;
+of the config's parsed content and the seed), so an interrupted comparison resumes where it stopped;
 ``rerun=True`` runs every config again.
 """
 
@@ -157,9 +157,10 @@ def device_description(gpu: str = "-1") -> str:
     return f"{text}; no GPU"
 
 
-def _cache_file(cache_dir: Path, config: Path, seed: int | None) -> Path:
-    digest = hashlib.sha256(config.read_bytes() + f"\nseed={seed}".encode()).hexdigest()[:12]
-    return cache_dir / f"{config.stem}-{digest}.json"
+def _cache_file(cache_dir: Path, config: Path, opt: dict, seed: int | None) -> Path:
+    """Keyed by the config's content (comments and layout do not count) and the seed."""
+    canonical = json.dumps({"config": opt, "seed": seed}, sort_keys=True, default=str)
+    return cache_dir / f"{config.stem}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}.json"
 
 
 def run_config(config: str | os.PathLike, *, cache_dir: Path, rerun: bool = False, seed: int | None = None,
@@ -171,7 +172,7 @@ def run_config(config: str | os.PathLike, *, cache_dir: Path, rerun: bool = Fals
     opt = None
     try:
         opt = run_config_module.read_yaml(path)
-        cache = _cache_file(cache_dir, path, seed)
+        cache = _cache_file(cache_dir, path, opt, seed)
         if cache.is_file() and not rerun:
             entry = json.loads(cache.read_text(encoding="utf-8"))
             return row_from_result(entry["result"], path.stem, entry.get("device", "")), True
@@ -277,8 +278,8 @@ def write_markdown(rows: Sequence[Row], path: Path, *, title: str, command: str 
             tails.setdefault(r.get("dataset"), r)
     for dataset, r in tails.items():
         out.append(f"Tail of {dataset}: {r.get('tail_definition')}: {r.get('tail_size')} of "
-                   f"{r.get('catalog_size')} catalog items; test samples {r.get('n_test')}, "
-                   f"{r.get('n_tail_test')} with a tail target.")
+                   f"{r.get('catalog_size')} catalog items.")
+    out = [line + "  " if line and not line.startswith(("#", "|")) else line for line in out]  # line breaks
     out.append("")
     failed = [r for r in rows if r.status != "ok"]
     if failed:
@@ -288,10 +289,10 @@ def write_markdown(rows: Sequence[Row], path: Path, *, title: str, command: str 
     out += ["## How it was made", ""]
     if command:
         out += ["```bash", command, "```", ""]
-    out.append(f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}.")
+    out.append(f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}.")
     if devices:
-        out.append(f"Device: {'; '.join(devices)}.")
-    out += list(notes)
+        out.append(f"- Device: {'; '.join(devices)}.")
+    out += [f"- {note}" for note in notes]
     path.write_text("\n".join(out).rstrip() + "\n", encoding="utf-8")
 
 

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="compare", help="file name prefix of the outputs (default: compare)")
     parser.add_argument("--rerun", action="store_true",
                         help="run every config again instead of reusing its cached result "
-                             "(<root>/compare/cache, keyed by the config's text and the seed)")
+                             "(<root>/compare/cache, keyed by the config's content and the seed)")
     parser.add_argument("--seed", type=int, help="random seed for every config (overrides their `seed`)")
     parser.add_argument("--gpu", default="-1", help="GPU indices, e.g. 0; -1 for CPU (default)")
     parser.add_argument("--output-root", help="folder for datasets, logs, results and the cache "
