@@ -61,6 +61,7 @@ CONFIG_BLOCKS: dict[str, str] = {
     "retrieval": "lotcrs_plugin.model.retrieval:RetrievalConfig",
     "smoothing": "lotcrs_plugin.model.smoothing:SmoothingConfig",
     "lotcrs_pretrain": "lotcrs_plugin.system.pretrain:PretrainConfig",
+    "lotcrs": "lotcrs_plugin.system.lotcrs:FinetuneConfig",
     "selection": "lotcrs_plugin.system.selection:SelectionConfig",
 }
 

@@ -33,14 +33,17 @@ PLUGIN_PARTS: dict[str, dict[str, str]] = {
     "dataloader": {
         "RepeatPopularity": "lotcrs_plugin.model.repeat_ranker:RepeatPopularityDataLoader",
         "LOTCRSPretrain": "lotcrs_plugin.system.pretrain:LOTCRSPretrainDataLoader",
+        "LOTCRS": "lotcrs_plugin.data.finetune_samples:LOTCRSDataLoader",
     },
     "model": {
         "RepeatPopularity": "lotcrs_plugin.model.repeat_ranker:RepeatPopularityModel",
         "LOTCRSPretrain": "lotcrs_plugin.system.pretrain:LOTCRSPretrainModel",
+        "LOTCRS": "lotcrs_plugin.model.lotcrs:LOTCRSModel",
     },
     "system": {
         "RepeatPopularity": "lotcrs_plugin.model.repeat_ranker:RepeatPopularitySystem",
         "LOTCRSPretrain": "lotcrs_plugin.system.pretrain:LOTCRSPretrainSystem",
+        "LOTCRS": "lotcrs_plugin.system.lotcrs:LOTCRSSystem",
     },
     "evaluator": {
         "longtail": "lotcrs_plugin.evaluator.longtail:LongTailEvaluator",

@@ -21,7 +21,8 @@ from loguru import logger
 from lotcrs_plugin import config as run_config
 from lotcrs_plugin.errors import UserError
 
-DEMO_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
+# `crslab run` with no --config: the whole LOT-CRS pipeline on the synthetic dataset, offline
+DEMO_CONFIG = Path(__file__).with_name("configs") / "lotcrs_demo.yaml"
 
 
 @dataclass

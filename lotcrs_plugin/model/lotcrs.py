@@ -1,0 +1,273 @@
+"""The LOT-CRS fine-tuning model (CRSLab model ``LOTCRS``): backbone + retrieval fusion + verbaliser.
+
+For a batch of contexts ending in the prompt (``... you should watch [MASK]``):
+
+1. the backbone gives every position's state h (``Backbone.encode``);
+2. with retrieval on and a memory store attached (:attr:`LOTCRSModel.store`), the context's
+   representation (the store's key space: ``Backbone.context_representation`` with the configured
+   pooling) retrieves the k nearest simulated contexts, whose values are hidden states at their
+   mask; :class:`~lotcrs_plugin.model.fusion.RetrievalFusion` gives LayerNorm(h + w * attention);
+3. the verbaliser scores the items from the (fused) state at the mask: the item-token rows of the
+   prediction head (``Backbone.item_logits``).
+
+Fusion attends from each token to the k values independently, and only the mask position is read
+by the verbaliser, so only that position is fused (the result is the same as fusing every token).
+
+The store is not a module: the system builds it (keys and values from
+:meth:`LOTCRSModel.store_entries`), attaches it, and saves it next to the model.
+
+``backbone_path: builtin:tiny-bert`` makes a demo/test backbone on the spot (see
+:func:`resolve_backbone_path`): a random 2-layer BERT (hidden 64) with a WordPiece vocabulary made
+from the dataset's words. It needs no download; it is a demo/test backbone, not a language model of
+any quality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import string
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from loguru import logger
+from torch import nn
+
+from lotcrs_plugin.data.pretrain_samples import ItemVocab
+from lotcrs_plugin.errors import UserError
+from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, build_backbone
+from lotcrs_plugin.model.fusion import RetrievalFusion
+from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig, RetrievalResult
+
+MODEL_NAME = "LOTCRS"
+BLOCK = "lotcrs"
+BUILTIN_PREFIX = "builtin:"
+# name -> BertConfig arguments of the demo/test backbones made from the dataset's vocabulary
+TINY_SPECS: dict[str, dict[str, int]] = {
+    "tiny-bert": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+                  "max_position_embeddings": 512},
+}
+TINY_BACKBONE = {"tiny-bert": "bert"}
+TINY_VERSION = 1  # bump when the made folder changes for the same vocabulary
+# backbones whose encode() output is the last-layer state that their 'cls' / 'mean' pooling reads:
+# the query is pooled from it instead of a second forward pass
+_POOL_FROM_ENCODE = ("bert", "unicrs")
+
+
+# ---- built-in tiny backbones -----------------------------------------------------------------
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+
+def tiny_vocabulary(vocab: Mapping[str, Any]) -> list[str]:
+    """WordPiece vocabulary of a built-in tiny backbone: specials, the dataset's word tokens, the
+    words of its entity names and of the simulator's built-in templates, and every printable
+    character alone and as a continuation piece (so any ASCII word has a tokenization)."""
+    from lotcrs_plugin.data.simulator.templates import BUILTIN
+
+    words: set[str] = set()
+    for token in vocab.get("tok2ind", {}):
+        if isinstance(token, str) and not (token.startswith("__") and token.endswith("__")):
+            words.update(_words(token))
+    for name in vocab.get("entity2id", {}):
+        words.update(_words(re.sub(r"[<>_/]", " ", str(name))))
+    for texts in BUILTIN.values():
+        for text in texts:
+            words.update(_words(re.sub(r"\[[^\]]*\]", " ", text)))
+    chars = [c for c in string.ascii_lowercase + string.digits + string.punctuation]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    body = sorted(w for w in words if w and w not in specials and " " not in w)
+    out = list(dict.fromkeys(specials + chars + body + ["##" + c for c in string.ascii_lowercase + string.digits]))
+    return out
+
+
+def materialize_tiny(spec: str, vocab: Mapping[str, Any], root: Path) -> Path:
+    """The folder of the built-in backbone ``spec`` for this vocabulary, made once under ``root``
+    (keyed by a hash of spec and vocabulary; written to a temporary sibling, then renamed)."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+    if spec not in TINY_SPECS:
+        raise UserError(f"backbone_path {BUILTIN_PREFIX}{spec}: unknown built-in backbone; "
+                        f"known: {', '.join(BUILTIN_PREFIX + s for s in TINY_SPECS)}")
+    words = tiny_vocabulary(vocab)
+    key = hashlib.sha256(json.dumps([TINY_VERSION, spec, TINY_SPECS[spec], words]).encode()).hexdigest()[:16]
+    dest = root / f"{spec}-{key}"
+    if (dest / "config.json").is_file():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    if len(tokenizer) != len(words):
+        raise RuntimeError(f"built-in {spec}: the tokenizer holds {len(tokenizer)} of {len(words)} tokens")
+    tokenizer.save_pretrained(tmp)
+    config = BertConfig(vocab_size=len(words), pad_token_id=0, **TINY_SPECS[spec])
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, global RNG untouched
+        torch.manual_seed(0)
+        BertForMaskedLM(config).save_pretrained(tmp)
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another process made it meanwhile
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info(f"[lotcrs] built-in backbone {spec}: {len(words)} WordPiece tokens -> {dest}")
+    return dest
+
+
+def resolve_backbone_path(name: str, path: Any, vocab: Mapping[str, Any]) -> Any:
+    """``path`` itself, or for ``builtin:<spec>`` the folder of that tiny backbone (made from the
+    dataset's vocabulary under ``<root>/data/model/builtin``)."""
+    if not (isinstance(path, str) and path.startswith(BUILTIN_PREFIX)):
+        return path
+    spec = path[len(BUILTIN_PREFIX):]
+    want = TINY_BACKBONE.get(spec)
+    if want is not None and want != name:
+        raise UserError(f"backbone_path {path} is a '{want}' backbone; set backbone: {want}")
+    from lotcrs_plugin.paths import active_layout
+
+    return str(materialize_tiny(spec, vocab, active_layout().model / "builtin"))
+
+
+# ---- the model -------------------------------------------------------------------------------
+
+@dataclass
+class ModelOutput:
+    """logits: (B, N) item scores. query: (B, H) the context representation (None when retrieval
+    is off). mask_states: (B, H) the backbone's state at the mask, before fusion. retrieved: the
+    memory store's neighbours (None when retrieval is off)."""
+
+    logits: torch.Tensor
+    query: torch.Tensor | None
+    mask_states: torch.Tensor
+    retrieved: RetrievalResult | None
+
+
+class LOTCRSModel(nn.Module):
+    """Built by CRSLab as ``LOTCRSModel(opt, device, vocab, side_data)`` (see the module docstring).
+
+    Reads ``backbone``, ``backbone_path``, the ``lotcrs:`` block (``retrieval``, ``prompt``,
+    ``pooling``) and the ``retrieval:`` block (fusion weight and dropout).
+    """
+
+    def __init__(self, opt: Any, device: Any, vocab: Mapping[str, Any], side_data: Mapping[str, Any]):
+        super().__init__()
+        from lotcrs_plugin.system.lotcrs import FinetuneConfig
+
+        self.cfg = cfg = FinetuneConfig.from_dict(opt.get(BLOCK, None))
+        self.retrieval_cfg = RetrievalConfig.from_dict(opt.get("retrieval", None))
+        name = opt.get("backbone", None)
+        path = opt.get("backbone_path", None)
+        if not name:
+            raise UserError("key 'backbone' is missing; set backbone: bert, bart or unicrs")
+        if not path:
+            raise UserError("key 'backbone_path' is missing; give a Hugging Face model name, a local folder, "
+                            "a pre-trained export or builtin:tiny-bert")
+        self.items = ItemVocab.from_side_data(side_data, vocab)
+        self.kg = EntityKG.from_side_data(side_data, vocab["n_entity"]) if (side_data or {}).get("entity_kg") else None
+        self.backbone_name = name
+        self.backbone_path = resolve_backbone_path(name, path, vocab)
+        self.backbone = self._prepare(build_backbone(name, self.backbone_path, kg=self.kg, prompt=cfg.prompt))
+        hidden = self.backbone.hidden_size
+        self.fusion = (RetrievalFusion(hidden, self.retrieval_cfg.fusion_weight, self.retrieval_cfg.dropout)
+                       if cfg.retrieval else None)
+        # keys and queries live in the space CCA pre-training shaped: its pooling unless set here
+        pretrain_block = opt.get("lotcrs_pretrain", None) or {}
+        self._pooling = cfg.pooling or (pretrain_block.get("pooling") if isinstance(pretrain_block, dict) else "") or ""
+        self.store: MemoryStore | None = None  # attached by the system; not part of the state dict
+
+    # -- backbone
+
+    def _prepare(self, backbone: Backbone) -> Backbone:
+        """Item tokens for this catalog (a pre-trained export brings its own: they must match)."""
+        if backbone.n_items:
+            if backbone.item_entity_ids and backbone.item_entity_ids != self.items.entity_ids:
+                raise UserError(f"backbone_path {self.backbone_path}: its item tokens belong to another catalog "
+                                f"({backbone.n_items} items, this dataset has {len(self.items)})")
+        else:
+            backbone.add_item_tokens(self.items.display_names, self.items.entity_ids)
+        return backbone
+
+    def set_backbone(self, backbone: Backbone) -> None:
+        """Replace the backbone (e.g. by the pre-trained one); same architecture and vocabulary."""
+        backbone = self._prepare(backbone)
+        if backbone.vocab_size != self.backbone.vocab_size or backbone.hidden_size != self.backbone.hidden_size:
+            raise UserError(f"the pre-trained backbone ({backbone.vocab_size} tokens, hidden {backbone.hidden_size}) "
+                            f"does not match backbone_path ({self.backbone.vocab_size} tokens, hidden "
+                            f"{self.backbone.hidden_size})")
+        device = next(self.backbone.parameters()).device
+        self.backbone = backbone.to(device)
+
+    @property
+    def pooling(self) -> str:
+        return self._pooling or self.backbone.default_pooling
+
+    # -- pieces
+
+    def represent(self, batch: TokenBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H) the context representation of the memory store's key space. For bert and unicrs
+        with 'cls' / 'mean' pooling it is read from ``hidden`` (their encode() output is the state
+        the pooling reads), otherwise the backbone pools in a pass of its own."""
+        bb, pooling = self.backbone, self.pooling
+        if hidden is None or bb.name not in _POOL_FROM_ENCODE or pooling not in ("cls", "mean"):
+            return bb.context_representation(batch, pooling)
+        mask = batch.attention_mask
+        if pooling == "cls":
+            return bb._cls_state(hidden, mask)
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    @staticmethod
+    def at_mask(hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        pos = batch.mask_positions
+        if pos is None or bool((pos < 0).any()):
+            raise UserError("LOT-CRS inputs end with the prompt: every row needs a mask position")
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos.to(hidden.device)]
+
+    @torch.no_grad()
+    def store_entries(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of memory entries for simulated contexts (target masked): the context
+        representation and the hidden state at the mask. Call in eval mode."""
+        hidden = self.backbone.encode(batch)
+        return self.represent(batch, hidden).float(), self.at_mask(hidden, batch).float()
+
+    @property
+    def uses_retrieval(self) -> bool:
+        return self.fusion is not None and self.store is not None
+
+    def forward(self, batch: TokenBatch, *, need_query: bool = False) -> ModelOutput:
+        """Item scores of a batch (see the module docstring); ``need_query`` computes the query
+        with its graph also without retrieval (for the retrieval loss)."""
+        hidden = self.backbone.encode(batch)
+        states = self.at_mask(hidden, batch)
+        query = retrieved = None
+        fused = states
+        if self.uses_retrieval or need_query:
+            query = self.represent(batch, hidden)
+        if self.uses_retrieval:
+            retrieved = self.store.search(query.detach().float())
+            fused = self.fusion(states[:, None], retrieved.values.to(states.dtype),
+                                value_mask=retrieved.mask)[:, 0]
+        return ModelOutput(self.backbone.item_logits(fused), query, states, retrieved)
+
+    def teacher_copy(self) -> "LOTCRSModel":
+        """A copy of this model without fusion or store (the label-smoothness teacher)."""
+        store, fusion = self.store, self.fusion
+        self.store, self.fusion = None, None
+        try:
+            import copy
+
+            twin = copy.deepcopy(self)
+        finally:
+            self.store, self.fusion = store, fusion
+        return twin
+
+
+__all__ = ["BLOCK", "BUILTIN_PREFIX", "DEFAULT_PROMPT", "LOTCRSModel", "MODEL_NAME", "ModelOutput", "TINY_SPECS",
+           "materialize_tiny", "resolve_backbone_path", "tiny_vocabulary"]

@@ -1,0 +1,823 @@
+"""LOT-CRS end to end as a CRSLab system: ``model: LOTCRS``.
+
+    crslab run --config crslab_configs/lotcrs_redial.yaml
+
+``fit()`` runs the pipeline of the paper (Zhao et al., RecSys 2023; /work/shared/LOTCRS_NOTES.md):
+
+1. pre-training (``lotcrs.pretrain: true``): :class:`~lotcrs_plugin.system.pretrain.LOTCRSPretrainSystem`
+   with the ``lotcrs_pretrain:`` block (DMP + CCA on the balanced simulated data); its export
+   replaces the backbone. With ``pretrain: false`` the backbone is ``backbone_path`` as it is: a
+   raw model (the "no pre-training" ablation) or the export of an earlier pre-training run
+   (``<root>/save/<run>/backbone``: a pre-trained checkpoint);
+2. the memory store (``lotcrs.retrieval: true``): one entry per simulated dialog (at most
+   ``retrieval.max_per_item`` per item), key = the representation of its context with the target
+   masked, value = the backbone's state at the mask, built with the pre-trained backbone; kept
+   fixed (``store_refresh: fixed``, the authors') or recomputed with the fine-tuned backbone after
+   every epoch (``store_refresh: epoch``);
+3. the label-smoothness teacher (``smoothing.teacher: simulated | real``, ``none`` = off): a copy
+   of the pre-trained model without retrieval, fine-tuned for ``teacher_epochs`` on the simulated
+   dialogs (the paper's description) or on the real training split (the authors' code trains a
+   KGSF there); its item distribution for every training sample is computed once and cached
+   (TeacherScores) in the run folder;
+4. fine-tuning on the real training split: loss = CE + beta * KL(teacher || student)
+   (+ ``retrieval.loss_weight`` x the retrieval loss of the query against the store's keys);
+   after every epoch the validation split is scored; the model of the best validation epoch
+   (``selection:`` block, default hit@1+hit@50) is tested; ``impatience`` epochs without a better
+   score stop training;
+5. test with the evaluator (``evaluator: longtail``): every metric over all test samples and over
+   the subset ``unmentioned`` (targets not named earlier in the dialog).
+
+Recommendation samples (lotcrs_plugin.data.finetune_samples): one per distinct item named in a
+Recommender turn, context = the turns before it, the last ``max_length`` tokens with the prompt.
+
+Files under ``<root>/save/<run name>/`` (``lotcrs.run_name``, else ``<dataset>_<backbone>_lotcrs``):
+``checkpoint.pt`` (model, optimizer, scheduler, epoch, selection state, RNG; written after every
+epoch; ``resume: true`` continues after the last finished epoch), ``best.pt`` (the best validation
+epoch's model), ``store/`` (the memory store), ``teacher/`` (cached teacher distributions),
+``finetune.json`` (summary). ``crslab run --save-system`` writes the tested model to
+``<root>/save/<model_file or LOTCRS.pth>`` and its store beside it (``.store/``);
+``--restore-system`` loads both and only tests.
+
+Best-epoch selection keeps the semantics of lotcrs_plugin.system.selection (same block, same
+score, ties keep the earlier epoch, test never seen), and stays consistent with its hook when the
+runner attaches it: validation runs as ``step(batch, 'rec', 'valid')`` + ``report(mode='valid')``,
+test as ``step(batch, 'rec', 'test')``; a resumed run re-reports its best epoch so that the hook
+knows it too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from lotcrs_plugin import compat
+from lotcrs_plugin.errors import UserError
+
+compat.apply()  # crslab is imported only through the patches
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from crslab.evaluator.metrics.base import AverageMetric  # noqa: E402
+from crslab.system.base import BaseSystem  # noqa: E402
+from loguru import logger  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lotcrs_plugin.data.finetune_samples import (  # noqa: E402
+    SUBSET_UNMENTIONED, IndexBatches, RecData, loader, per_item_rows, recommendation_index, sample_counts,
+    simulated_index, turn_roles,
+)
+from lotcrs_plugin.data.pretrain_samples import tokenize_dialogs  # noqa: E402
+from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, POOLINGS, load_backbone  # noqa: E402
+from lotcrs_plugin.model.fusion import retrieval_contrastive_loss  # noqa: E402
+from lotcrs_plugin.model.lotcrs import BLOCK, MODEL_NAME, LOTCRSModel  # noqa: E402
+from lotcrs_plugin.model.retrieval import MemoryStore  # noqa: E402
+from lotcrs_plugin.model.smoothing import SmoothingConfig, TeacherScores, label_smoothness_loss  # noqa: E402
+from lotcrs_plugin.system.selection import BestEpochSelector, SelectionConfig  # noqa: E402
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+CHECKPOINT_FORMAT = "lotcrs-finetune-checkpoint"
+SYSTEM_FORMAT = "lotcrs-system"
+STORE_REFRESH = ("fixed", "epoch")
+TOP_K = 50  # CRSLab's systems rank the top 50
+
+
+# ---- the config block ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The ``lotcrs:`` block (defaults: the paper and the authors' code).
+
+    pretrain: run pre-training first (the ``lotcrs_pretrain:`` block); false: use backbone_path as
+    it is (raw model = ablation "no pre-training"; a pre-training export = a pre-trained checkpoint).
+    retrieval: memory store + fusion (false: ablation "no retrieval"). store_refresh: fixed (built
+    once with the pre-trained backbone) | epoch (recomputed with the fine-tuned one after each epoch).
+    epochs, batch_size, grad_accumulation (effective batch = batch_size x grad_accumulation), lr,
+    weight_decay, warmup_ratio (linear warmup then linear decay), max_grad_norm (0: no clipping):
+    fine-tuning. eval_batch_size: validation, test, store and teacher passes. impatience: stop after
+    this many epochs without a better validation score (0: never). max_length: tokens per input, cut
+    from the left (the prompt stays). prompt: appended to every context, with [MASK] once.
+    pooling: the context representation of store keys and queries ('' = lotcrs_pretrain.pooling,
+    else the backbone's default: the space CCA shaped). teacher_epochs, teacher_lr,
+    teacher_max_samples (0: all): training of the label-smoothness teacher (teacher_epochs 0 uses the
+    pre-trained model as it is). max_train_batches: batches per epoch (0: all; for quick checks). pad_to_multiple_of:
+    dynamic padding granularity. num_workers: DataLoader processes. bf16: autocast on CUDA.
+    resume: continue from the run's checkpoint. run_name: folder under <root>/save. log_every:
+    optimizer steps between log lines. seed: -1 uses the top-level seed. threads: torch's intra-op
+    CPU threads while fit() runs (0: leave torch's setting; 1 suits tiny models and busy machines,
+    where OpenMP threads stall each other).
+    """
+
+    pretrain: bool = True
+    retrieval: bool = True
+    store_refresh: str = "fixed"
+    epochs: int = 15
+    batch_size: int = 8
+    grad_accumulation: int = 4
+    eval_batch_size: int = 32
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    impatience: int = 3
+    max_length: int = 256
+    prompt: str = DEFAULT_PROMPT
+    pooling: str = ""
+    teacher_epochs: int = 1
+    teacher_lr: float = 5e-5
+    teacher_max_samples: int = 0
+    max_train_batches: int = 0
+    pad_to_multiple_of: int = 8
+    num_workers: int = 0
+    bf16: bool = True
+    resume: bool = False
+    run_name: str = ""
+    log_every: int = 50
+    seed: int = -1
+    threads: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "FinetuneConfig":
+        """Validate a block; UserError names an unknown key, a wrong type or a bad value."""
+        d = dict(d or {})
+        known = [f.name for f in fields(cls)]
+        for key in d:
+            if key not in known:
+                raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
+        defaults = cls()
+        for key, value in d.items():
+            want = type(getattr(defaults, key))
+            ok = isinstance(value, want) and not (isinstance(value, bool) and want is not bool)
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                d[key], ok = float(value), True
+            if not ok:
+                kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[want]
+                raise UserError(f"key '{key}' must be {kind}, not {value!r}")
+        cfg = cls(**d)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise UserError(f"key '{key}' must be {what}, not {getattr(self, key)!r}")
+
+        need(self.store_refresh in STORE_REFRESH, "store_refresh", " or ".join(STORE_REFRESH))
+        need(self.pooling in ("", *POOLINGS), "pooling", "one of " + ", ".join(POOLINGS) + " (or '')")
+        for key in ("epochs", "batch_size", "grad_accumulation", "eval_batch_size", "pad_to_multiple_of",
+                    "log_every"):
+            need(getattr(self, key) >= 1, key, "at least 1")
+        for key in ("impatience", "teacher_epochs", "teacher_max_samples", "max_train_batches", "num_workers",
+                    "threads"):
+            need(getattr(self, key) >= 0, key, "0 or more")
+        need(self.max_length >= 16, "max_length", "at least 16")
+        need(self.lr > 0, "lr", "positive")
+        need(self.teacher_lr > 0, "teacher_lr", "positive")
+        need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "in [0, 1)")
+        for key in ("weight_decay", "max_grad_norm"):
+            need(getattr(self, key) >= 0, key, "0 or more")
+        need(self.seed >= -1, "seed", "-1 (the run's seed) or a non-negative integer")
+        if self.prompt.count("[MASK]") != 1:
+            raise UserError(f"key 'prompt' must contain [MASK] exactly once, not {self.prompt!r}")
+
+
+# ---- the system ------------------------------------------------------------------------------
+
+def _dataset_folder(opt: Any) -> Path:
+    from lotcrs_plugin.system.pretrain import dataset_folder
+
+    return dataset_folder(opt)
+
+
+def _read_split(folder: Path, split: str) -> list[dict]:
+    from lotcrs_plugin.system.pretrain import read_split
+
+    return read_split(folder, split)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class LOTCRSSystem(BaseSystem):
+    """The LOT-CRS pipeline (see the module docstring)."""
+
+    rec_index_space = "position"  # ranks and labels are catalog positions (the long-tail evaluator reads it)
+
+    def __init__(self, opt, train_dataloader, valid_dataloader, test_dataloader, vocab, side_data,
+                 restore_system=False, interact=False, debug=False, tensorboard=False):
+        super().__init__(opt, train_dataloader, valid_dataloader, test_dataloader, vocab, side_data,
+                         restore_system, interact, debug, tensorboard)
+        if isinstance(self.model, nn.DataParallel):  # CRSLab wraps every model on GPU; one device here
+            self.model = self.model.module
+        self.cfg: FinetuneConfig = self.model.cfg
+        self.retrieval_cfg = self.model.retrieval_cfg
+        try:
+            self.smoothing_cfg = SmoothingConfig.from_dict(opt.get("smoothing", None))
+            self.selection_cfg = SelectionConfig.from_dict(opt.get("selection", None))
+        except UserError as err:
+            raise UserError(f"config: {err}") from None
+        self.seed = self.cfg.seed if self.cfg.seed >= 0 else int(opt.get("seed", 42))
+        from lotcrs_plugin.paths import active_layout
+
+        self.run_name = self.cfg.run_name or f"{opt['dataset']}_{self.model.backbone_name}_lotcrs"
+        self.run_dir = active_layout().save / self.run_name
+        self.folder = _dataset_folder(opt)
+        self.entity2id = vocab["entity2id"]
+        self.restored = bool(restore_system)
+        self.autocast = self.device.type == "cuda" and self.cfg.bf16
+        self.teacher: TeacherScores | None = None
+        self._data: dict[str, RecData] = {}
+        self.store_rows: np.ndarray | None = None  # rows of the simulated data held by the store
+        self.epoch = 0             # finished epochs
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch: int | None = None
+        self.best_score: float | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_epochs = 0
+        self.stopped = False
+        self.optimizer = self.scheduler = None
+        self.pretrained_from: str | None = None
+        self._sync_store_at_test = False
+        self.timings: dict[str, float] = {}
+        if not interact:
+            self.scorer = BestEpochSelector(self, self.selection_cfg)  # never attached: scores only
+
+    # -- data
+
+    def dialogs(self, split: str) -> Iterable[dict]:
+        """'train' / 'valid' / 'test' from the dataset folder, or 'simulated' (the balanced
+        simulated data of the ``simulation:`` block, streamed from its cache)."""
+        if split != "simulated":
+            return _read_split(self.folder, split)
+        from lotcrs_plugin.data.simulator import iter_simulated, simulate
+
+        sim = simulate(self.folder, self.opt.get("simulation", None), progress=False)
+        logger.info(f"[lotcrs] simulated dialogs from {sim}")
+        return iter_simulated(sim)
+
+    def data(self, split: str) -> RecData:
+        """The recommendation samples of a split, tokenized by the current backbone (cached)."""
+        if split not in self._data:
+            started = time.perf_counter()
+            bb = self.model.backbone
+            dialogs = self.dialogs(split)  # simulated: a stream, read once
+            table = tokenize_dialogs(dialogs, bb.tokenizer, bb.sep_ids, self.model.items, self.entity2id)
+            if split == "simulated":
+                index = simulated_index(table)
+            else:
+                index = recommendation_index(table, turn_roles(dialogs))
+            if not len(index):
+                raise UserError(f"dataset {self.opt['dataset']!r}: the {split} split has no recommendation sample "
+                                f"(no Recommender turn names an item after the first turn)")
+            self._data[split] = RecData(table, bb.input_format(self.cfg.max_length), bb.first_item_id, index,
+                                        self.cfg.pad_to_multiple_of)
+            logger.info(f"[lotcrs] {split}: {table.n_dialogs} dialogs -> {sample_counts(index)} "
+                        f"({time.perf_counter() - started:.1f}s)")
+        return self._data[split]
+
+    def batches(self, data: RecData, *, train: bool, batch_size: int | None = None, epoch: int = 0,
+                limit: int = 0) -> torch.utils.data.DataLoader:
+        size = batch_size or (self.cfg.batch_size if train else self.cfg.eval_batch_size)
+        order = IndexBatches(len(data), size, seed=self.seed, epoch=epoch, shuffle=train,
+                             lengths=None if train else data.lengths(), limit=limit)
+        return loader(data, order, num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                      seed=self.seed + epoch)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    # -- 1. pre-training
+
+    def pretrain(self) -> Path:
+        """Run the pre-training system with this config's ``lotcrs_pretrain:`` block and load its
+        export as the backbone."""
+        from crslab.config.config import Config
+
+        from lotcrs_plugin.system import pretrain as pt
+
+        sub = Config.__new__(Config)
+        sub.opt = dict(self.opt.opt if hasattr(self.opt, "opt") else self.opt)
+        sub.opt.update(model=pt.MODEL_NAME, model_name=pt.MODEL_NAME, backbone_path=self.model.backbone_path)
+        sub.opt.setdefault(pt.BLOCK, {})
+        started = time.perf_counter()
+        logger.info(f"[lotcrs] 1/4 pre-training ({pt.BLOCK}: {sub.opt[pt.BLOCK]})")
+        system = pt.LOTCRSPretrainSystem(sub, self.train_dataloader, self.valid_dataloader, self.test_dataloader,
+                                         self.vocab, self.side_data)
+        system.fit()
+        export = system.run_dir / "backbone"
+        del system
+        self.model.set_backbone(load_backbone(export, kg=self.model.kg, expect=self.model.backbone_name,
+                                              prompt=self.cfg.prompt))
+        self._data.clear()  # tokenized by the old backbone object
+        self.pretrained_from = str(export)
+        self.timings["pretrain_s"] = round(time.perf_counter() - started, 2)
+        logger.info(f"[lotcrs] pre-trained backbone loaded from {export}")
+        return export
+
+    # -- 2. the memory store
+
+    @torch.no_grad()
+    def encode_store_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values) of the simulated samples ``rows`` with the current backbone."""
+        sim = self.data("simulated")
+        part = RecData(sim.table, sim.fmt, sim.first_item_id, sim.index.subset(rows), sim.pad_to_multiple_of)
+        was = self.model.training
+        self.model.eval()
+        keys = values = None
+        for batch in self.batches(part, train=False):
+            batch = batch.to(self.device)
+            with self._autocast():
+                k, v = self.model.store_entries(batch.tokens)
+            if keys is None:
+                keys = np.empty((len(part), k.shape[1]), np.float32)
+                values = np.empty((len(part), v.shape[1]), np.float32)
+            idx = batch.sample_idx.cpu().numpy()
+            keys[idx], values[idx] = k.float().cpu().numpy(), v.float().cpu().numpy()
+        self.model.train(was)
+        return keys, values
+
+    def build_store(self) -> MemoryStore:
+        started = time.perf_counter()
+        cfg = self.retrieval_cfg
+        sim = self.data("simulated")
+        rows = per_item_rows(sim.index.targets, cfg.max_per_item, cfg.sample_seed)
+        keys, values = self.encode_store_rows(rows)
+        store = MemoryStore.build(keys, values, sim.index.targets[rows], cfg)
+        self.store_rows = rows[store.entry_ids]  # entry i of the store is simulated sample store_rows[i]
+        self.model.store = store
+        self.timings["store_s"] = round(time.perf_counter() - started, 2)
+        logger.info(f"[lotcrs] 2/4 memory store: {len(store)} entries for {len(store.unique_items)} items "
+                    f"({cfg.index} index, top-{cfg.top_k}, {self.timings['store_s']}s)")
+        return store
+
+    def refresh_store(self) -> None:
+        """Recompute the store's keys and values with the current backbone (same entries)."""
+        keys, values = self.encode_store_rows(self.store_rows)
+        self.model.store.refresh(keys, values)
+
+    def save_store(self, folder: Path) -> None:
+        self.model.store.save(folder)
+        np.save(folder / "simulated_rows.npy", self.store_rows)
+
+    def load_store(self, folder: Path) -> None:
+        self.model.store = MemoryStore.load(folder)
+        rows = folder / "simulated_rows.npy"
+        self.store_rows = np.load(rows) if rows.is_file() else None
+
+    # -- 3. the label-smoothness teacher
+
+    def teacher_scores(self) -> TeacherScores:
+        """The teacher's item distribution for every training sample (cached in the run folder)."""
+        sm, cfg = self.smoothing_cfg, self.cfg
+        train = self.data("train")
+        cache = self.run_dir / "teacher"  # reused by a resumed run; delete it to train the teacher again
+        if cfg.resume and (cache / "manifest.json").is_file():
+            scores = TeacherScores.load(cache, expect_kind=sm.teacher)
+            if len(scores) == len(train):
+                logger.info(f"[lotcrs] 3/4 teacher scores loaded from {cache}")
+                return scores
+        started = time.perf_counter()
+        teacher = self.model.teacher_copy().to(self.device)
+        source = self.data("simulated" if sm.teacher == "simulated" else "train")
+        rows = np.arange(len(source))
+        if cfg.teacher_max_samples and len(rows) > cfg.teacher_max_samples:
+            rows = np.sort(np.random.default_rng(self.seed).choice(len(rows), cfg.teacher_max_samples, replace=False))
+        part = RecData(source.table, source.fmt, source.first_item_id, source.index.subset(rows),
+                       source.pad_to_multiple_of)
+        optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.teacher_lr, weight_decay=cfg.weight_decay)
+        teacher.train()
+
+        def teacher_step() -> None:
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(teacher.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        n = 0
+        for epoch in range(cfg.teacher_epochs):
+            for batch in self.batches(part, train=True, epoch=10_000 + epoch):
+                batch = batch.to(self.device)
+                with self._autocast():
+                    logits = teacher(batch.tokens).logits
+                loss = F.cross_entropy(logits.float(), batch.targets)
+                (loss / cfg.grad_accumulation).backward()
+                n += 1
+                if n % cfg.grad_accumulation == 0:
+                    teacher_step()
+        if n % cfg.grad_accumulation:
+            teacher_step()
+        teacher.eval()
+
+        def logits_of_train() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+            with torch.no_grad():
+                for batch in self.batches(train, train=False):
+                    batch = batch.to(self.device)
+                    with self._autocast():
+                        yield batch.sample_idx, teacher(batch.tokens).logits.float()
+
+        scores = TeacherScores.collect(logits_of_train(), len(train), kind=sm.teacher, temperature=sm.temperature,
+                                       top_k=sm.top_k)
+        del teacher, optimizer
+        scores.save(cache)
+        self.timings["teacher_s"] = round(time.perf_counter() - started, 2)
+        logger.info(f"[lotcrs] 3/4 teacher trained on {len(part)} {sm.teacher} samples for {cfg.teacher_epochs} "
+                    f"epoch(s); distributions of {len(train)} training samples cached in {cache} "
+                    f"({self.timings['teacher_s']}s)")
+        return scores
+
+    # -- 4. fine-tuning
+
+    @property
+    def retrieval_loss_on(self) -> bool:
+        return self.model.uses_retrieval and self.retrieval_cfg.loss_weight > 0
+
+    def steps_per_epoch(self) -> int:
+        batches = math.ceil(len(self.data("train")) / self.cfg.batch_size)
+        if self.cfg.max_train_batches:
+            batches = min(batches, self.cfg.max_train_batches)
+        return math.ceil(batches / self.cfg.grad_accumulation)
+
+    def build_optim(self) -> None:
+        cfg = self.cfg
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        total = max(1, self.steps_per_epoch() * cfg.epochs)
+        warmup = int(cfg.warmup_ratio * total)
+
+        def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.total_steps = total
+
+    def optimizer_step(self) -> None:
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+
+    def step(self, batch, stage, mode):
+        """Train: the loss of one micro-batch, backpropagated (scaled for accumulation); returns
+        its parts. Valid/test: item scores to the evaluator (all samples, and the subset
+        ``unmentioned``) and the cross-entropy as ``rec_loss``."""
+        batch = batch.to(self.device, non_blocking=True)
+        if mode == "train":
+            return self._train_step(batch)
+        if mode == "test" and self._sync_store_at_test:
+            # the model may just have been replaced by the best epoch's (selection hook): its store
+            self._sync_store_at_test = False
+            self.refresh_store()
+        with torch.no_grad(), self._autocast():
+            logits = self.model(batch.tokens).logits.float()
+        targets = batch.targets
+        ce = F.cross_entropy(logits, targets, reduction="sum")
+        self.evaluator.optim_metrics.add("rec_loss", AverageMetric(float(ce), len(batch)))
+        ranks = logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices.cpu()
+        labels = targets.cpu()
+        unmentioned = ~batch.mentioned.cpu()
+        if hasattr(self.evaluator, "rec_evaluate_batch"):
+            self.evaluator.rec_evaluate_batch(ranks, labels, subsets={SUBSET_UNMENTIONED: unmentioned})
+        else:  # CRSLab's own evaluators take one sample at a time
+            for r, y in zip(ranks.tolist(), labels.tolist()):
+                self.evaluator.rec_evaluate(r, y)
+        return {"rec_loss": ce.detach() / len(batch)}
+
+    def _train_step(self, batch) -> dict[str, torch.Tensor]:
+        with self._autocast():
+            out = self.model(batch.tokens, need_query=self.retrieval_loss_on)
+        teacher = self.teacher.lookup(batch.sample_idx, self.device) if self.teacher is not None else None
+        parts = label_smoothness_loss(out.logits.float(), batch.targets, teacher, self.smoothing_cfg.beta)
+        total = parts.total
+        losses = {"ce": parts.ce.detach(), "kl": parts.kl.detach()}
+        if self.retrieval_loss_on:
+            r = self.retrieval_cfg
+            rl = retrieval_contrastive_loss(out.query.float(), self.model.store, batch.targets, r.n_pos, r.n_neg,
+                                            r.temperature)
+            total = total + r.loss_weight * rl
+            losses["retrieval"] = rl.detach()
+        (total / self.cfg.grad_accumulation).backward()
+        losses["loss"] = total.detach()
+        return losses
+
+    def train_epoch(self) -> dict[str, float]:
+        cfg = self.cfg
+        train = self.data("train")
+        self.model.train()
+        sums: dict[str, float] = {}
+        n = 0
+        batches = self.batches(train, train=True, epoch=self.epoch, limit=cfg.max_train_batches)
+        n_batches = len(batches.batch_sampler)
+        for i, batch in enumerate(batches):
+            for k, v in self.step(batch, "rec", "train").items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+            if (i + 1) % cfg.grad_accumulation == 0 or i + 1 == n_batches:
+                self.optimizer_step()
+                if self.global_step % cfg.log_every == 0:
+                    logger.info(f"[lotcrs] step {self.global_step}/{self.total_steps}: "
+                                + ", ".join(f"{k} {v / n:.4f}" for k, v in sorted(sums.items())))
+        return {k: v / max(1, n) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def evaluate(self, split: str, epoch: int = -1) -> None:
+        """Score a split through step(..., 'rec', mode) and report it ('valid' or 'test')."""
+        mode = "test" if split == "test" else "valid"
+        was = self.model.training
+        self.model.eval()
+        self.evaluator.reset_metrics()
+        for batch in self.batches(self.data(split), train=False):
+            self.step(batch, "rec", mode)
+        self.evaluator.report(epoch=epoch, mode=mode)
+        self.model.train(was)
+
+    def validate(self, epoch: int) -> float | None:
+        self.evaluate("valid", epoch)
+        return self.scorer.score()
+
+    def observe(self, epoch: int, score: float | None, train_losses: Mapping[str, float]) -> None:
+        """Keep the best validation epoch (ties keep the earlier one) and count bad epochs."""
+        self.history.append({"epoch": epoch, "score": score, "train": dict(train_losses)})
+        mode = self.selection_cfg.mode
+        better = score is not None and (self.best_score is None or (score > self.best_score if mode == "max"
+                                                                     else score < self.best_score))
+        if better:
+            self.best_epoch, self.best_score, self.bad_epochs = epoch, score, 0
+            self.best_state = _cpu_state(self.model)
+            _atomic_save({"epoch": epoch, "score": score, "model": self.best_state}, self.run_dir / BEST)
+        else:
+            self.bad_epochs += 1
+        best = "n/a" if self.best_score is None else f"{self.best_score:.4f}"
+        logger.info(f"[lotcrs] epoch {epoch}: validation {self.selection_cfg.metric} = "
+                    f"{'undefined' if score is None else f'{score:.4f}'}; best epoch {self.best_epoch} ({best})")
+
+    def finetune(self) -> None:
+        cfg = self.cfg
+        started = time.perf_counter()
+        logger.info(f"[lotcrs] 4/4 fine-tuning: {len(self.data('train'))} training samples, {self.steps_per_epoch()} "
+                    f"steps per epoch, {cfg.epochs} epochs, effective batch {cfg.batch_size * cfg.grad_accumulation}, "
+                    f"retrieval {'on' if self.model.uses_retrieval else 'off'}"
+                    f"{' + loss' if self.retrieval_loss_on else ''}, label smoothness "
+                    f"{'on (' + self.smoothing_cfg.teacher + ' teacher)' if self.teacher is not None else 'off'}")
+        while self.epoch < cfg.epochs and not self.stopped:
+            losses = self.train_epoch()
+            epoch = self.epoch
+            self.epoch += 1
+            if self.model.uses_retrieval and cfg.store_refresh == "epoch":
+                self.refresh_store()
+            self.observe(epoch, self.validate(epoch), losses)
+            if cfg.impatience and self.bad_epochs >= cfg.impatience:
+                self.stopped = True
+                logger.info(f"[lotcrs] early stop: {self.bad_epochs} epochs without a better validation score")
+            self.save_checkpoint()
+        self.timings["finetune_s"] = round(time.perf_counter() - started, 2)
+
+    # -- 5. test
+
+    def test(self) -> None:
+        """Test the best validation epoch's model (the last one when selection is off or no
+        epoch had a defined score)."""
+        if self.selection_cfg.enabled and self.best_epoch is not None:
+            state = self.best_state
+            if state is None and (self.run_dir / BEST).is_file():
+                state = torch.load(self.run_dir / BEST, map_location="cpu", weights_only=True)["model"]
+            if state is not None:
+                self.model.load_state_dict(state)
+                logger.info(f"[lotcrs] testing the model of epoch {self.best_epoch} (validation "
+                            f"{self.selection_cfg.metric} = {self.best_score:.4f}); "
+                            f"the last epoch was {self.epoch - 1}")
+        self._sync_store_at_test = (self.model.uses_retrieval and self.cfg.store_refresh == "epoch"
+                                    and not self.restored)
+        self.evaluate("test")
+        self._sync_store_at_test = False
+
+    # -- the whole pipeline
+
+    def fit(self) -> None:
+        threads = torch.get_num_threads()
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        try:
+            self._fit()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self) -> None:
+        started = time.perf_counter()
+        if self.restored:
+            logger.info(f"[lotcrs] restored system from {self.model_file}: testing it")
+            self.test()
+            return
+        resumed = False
+        if self.cfg.resume:
+            self.build_optim()
+            resumed = self.load_checkpoint()
+        if not resumed:
+            if self.cfg.pretrain:
+                self.pretrain()
+            if self.model.fusion is not None:
+                self.build_store()
+                self.save_store(self.run_dir / "store")
+        if self.smoothing_cfg.enabled:
+            self.teacher = self.teacher_scores()
+        if not resumed:
+            self.build_optim()
+        else:
+            self._report_best_again()
+        self.finetune()
+        self.test()
+        self.timings["total_s"] = round(time.perf_counter() - started, 2)
+        self.write_summary()
+
+    # -- checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": CHECKPOINT_FORMAT, "version": 1,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.global_step,
+            "best_epoch": self.best_epoch, "best_score": self.best_score, "bad_epochs": self.bad_epochs,
+            "stopped": self.stopped, "history": self.history, "config": asdict(self.cfg),
+            "backbone": self.model.backbone_name, "items": self.model.items.entity_ids,
+            "pretrained_from": self.pretrained_from, "rng": rng,
+        }
+
+    def save_checkpoint(self) -> Path:
+        path = self.run_dir / CHECKPOINT
+        _atomic_save(self.checkpoint_state(), path)
+        return path
+
+    def load_checkpoint(self) -> bool:
+        """Restore the state after the last finished epoch; False if there is no checkpoint."""
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            logger.info(f"[lotcrs] resume: no checkpoint at {path}; starting from the beginning")
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{path}: not a LOT-CRS fine-tuning checkpoint")
+        if state["backbone"] != self.model.backbone_name or state["items"] != self.model.items.entity_ids:
+            raise UserError(f"{path}: made for backbone '{state['backbone']}' and {len(state['items'])} items; this "
+                            f"config has '{self.model.backbone_name}' and {len(self.model.items)} "
+                            f"(change lotcrs.run_name or resume: false)")
+        if self.model.fusion is not None:
+            store = self.run_dir / "store"
+            if not (store / "manifest.json").is_file():
+                raise UserError(f"{path}: the run's memory store {store} is missing; resume: false starts over")
+            self.load_store(store)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.global_step = state["epoch"], state["step"]
+        self.best_epoch, self.best_score = state["best_epoch"], state["best_score"]
+        self.bad_epochs, self.stopped, self.history = state["bad_epochs"], state["stopped"], state["history"]
+        self.pretrained_from = state.get("pretrained_from")
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.model.fusion is not None and self.cfg.store_refresh == "epoch" and self.epoch:
+            self.refresh_store()  # the store of the checkpoint's model
+        logger.info(f"[lotcrs] resumed from {path}: {self.epoch} epochs done, best epoch {self.best_epoch}")
+        return True
+
+    def _report_best_again(self) -> None:
+        """After a resume: validate the best epoch's model once more, so that a selection hook
+        attached to this system (lotcrs_plugin.system.selection) knows the best epoch before
+        this run's."""
+        if self.best_epoch is None or not (self.run_dir / BEST).is_file():
+            return
+        current = _cpu_state(self.model)
+        self.best_state = torch.load(self.run_dir / BEST, map_location="cpu", weights_only=True)["model"]
+        self.model.load_state_dict(self.best_state)
+        refresh = self.model.uses_retrieval and self.cfg.store_refresh == "epoch"
+        if refresh:
+            self.refresh_store()
+        self.evaluate("valid", self.best_epoch)
+        self.model.load_state_dict(current)
+        if refresh:
+            self.refresh_store()
+
+    # -- the saved system (crslab run --save-system / --restore-system)
+
+    @property
+    def store_file(self) -> Path:
+        return Path(self.model_file).with_suffix(".store")
+
+    def save_model(self) -> None:
+        """The model (the tested one) and its memory store."""
+        state = {"format": SYSTEM_FORMAT, "version": 1, "model_state_dict": self.model.state_dict(),
+                 "backbone": self.model.backbone_name, "items": self.model.items.entity_ids,
+                 "retrieval": self.model.fusion is not None}
+        _atomic_save(state, Path(self.model_file))
+        if self.model.store is not None:
+            self.model.store.save(self.store_file)
+        logger.info(f"[lotcrs] system saved to {self.model_file}")
+
+    def restore_model(self) -> None:
+        """Load a system written by :meth:`save_model` (called by BaseSystem.__init__)."""
+        model = self.model.module if isinstance(self.model, nn.DataParallel) else self.model
+        path = Path(self.model_file)
+        if not path.is_file():
+            raise UserError(f"restore-system: {path} does not exist; run once with --save-system "
+                            f"(or set model_file)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != SYSTEM_FORMAT:
+            raise UserError(f"{path}: not a saved LOT-CRS system")
+        if state["backbone"] != model.backbone_name or state["items"] != model.items.entity_ids:
+            raise UserError(f"{path}: a '{state['backbone']}' system over {len(state['items'])} items; the config "
+                            f"has backbone: {model.backbone_name} and {len(model.items)} items")
+        if state["retrieval"] != (model.fusion is not None):
+            raise UserError(f"{path}: saved with lotcrs.retrieval: {str(state['retrieval']).lower()}; set the same")
+        model.load_state_dict(state["model_state_dict"])
+        if model.fusion is not None:
+            store = Path(self.model_file).with_suffix(".store")
+            if not (store / "manifest.json").is_file():
+                raise UserError(f"restore-system: the memory store {store} is missing; save the system again")
+            model.store = MemoryStore.load(store)
+        logger.info(f"[lotcrs] restored {path}")
+
+    def write_summary(self) -> Path:
+        report = getattr(self.evaluator, "last_report", None)
+        summary = {
+            "run_name": self.run_name, "backbone": self.model.backbone_name,
+            "backbone_path": str(self.model.backbone_path), "pretrained_from": self.pretrained_from,
+            "store_entries": len(self.model.store) if self.model.store is not None else 0,
+            "teacher": self.smoothing_cfg.teacher if self.teacher is not None else "none",
+            "selection": {"metric": self.selection_cfg.metric, "mode": self.selection_cfg.mode,
+                          "enabled": self.selection_cfg.enabled, "best_epoch": self.best_epoch,
+                          "best_score": self.best_score, "epochs_run": self.epoch, "early_stopped": self.stopped},
+            "history": self.history, "timings": self.timings, "config": asdict(self.cfg),
+            "test": report,
+        }
+        path = self.run_dir / "finetune.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        return path
+
+    # -- talking to it (crslab run --restore-system --interact)
+
+    def recommend(self, turns: Iterable[Mapping[str, Any]], k: int = 10) -> list[int]:
+        """Catalog positions of the k best items after a dialog's turns (the layout's turn format:
+        role, raw_text, movies, entity), scored as a recommendation sample is."""
+        from lotcrs_plugin.data.finetune_samples import RecIndex
+
+        bb = self.model.backbone
+        table = tokenize_dialogs([{"dialog": list(turns)}], bb.tokenizer, bb.sep_ids, self.model.items, self.entity2id)
+        index = RecIndex(np.array([[0, table.n_turns]], dtype=np.int64), np.zeros(1, np.int64), np.zeros(1, bool),
+                         np.zeros(1, np.int64))
+        batch = RecData(table, bb.input_format(self.cfg.max_length), bb.first_item_id, index)[np.zeros(1, np.int64)]
+        was = self.model.training
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            logits = self.model(batch.to(self.device).tokens).logits[0].float()
+        self.model.train(was)
+        return logits.topk(min(k, logits.shape[0])).indices.tolist()
+
+    def interact(self) -> None:
+        """A console dialog: each message (items named by their title) gets the top item and four more."""
+        from crslab.data import dataset_language_map
+
+        items = self.model.items
+        shown = [n.lower() for n in items.display_names]
+        turns: list[dict[str, Any]] = []
+        self.finished = False
+        while True:
+            text = self.get_input(dataset_language_map.get(self.opt["dataset"], "en"))
+            if self.finished:
+                break
+            low = text.lower()
+            movies = [items.entity_names[i] for i, name in enumerate(shown) if name in low]
+            turns.append({"role": "Seeker", "raw_text": text, "text": low.split(), "movies": movies, "entity": []})
+            top = self.recommend(turns)
+            reply = f"You should watch {items.display_names[top[0]]}."
+            print(f"Recommender: {reply} (also: {'; '.join(items.display_names[i] for i in top[1:5])})")
+            turns.append({"role": "Recommender", "raw_text": reply, "text": reply.lower().split(),
+                          "movies": [items.entity_names[top[0]]], "entity": []})
+
+
+__all__ = ["BLOCK", "FinetuneConfig", "LOTCRSModel", "LOTCRSSystem", "MODEL_NAME"]

@@ -1,0 +1,332 @@
+"""LOT-CRS fine-tuning (lotcrs_plugin.system.lotcrs): the whole pipeline (pre-training -> memory
+store -> teacher -> fine-tuning -> long-tail test) through lotcrs_plugin.runner.run for every
+backbone, on tiny models built from configs and a tiny synthetic dataset; fusion and label
+smoothness inside the model; samples; best epoch on validation; save / restore / resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lotcrs_plugin import config as run_config
+from lotcrs_plugin import registry
+from lotcrs_plugin.errors import UserError
+
+from test_backbones import bpe_files as _gpt2_bpe
+from test_backbones import tiny_bart, tiny_unicrs
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "crslab_configs"
+DEMO = REPO / "lotcrs_plugin" / "configs" / "lotcrs_demo.yaml"
+SMALL = {"n_items": 60, "n_conversations": 160, "seed": 3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two OpenMP threads stall each other (these
+    tiny models run several times faster on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def plugin(monkeypatch):
+    """The LOT-CRS parts in CRSLab's tables and the config (idempotent once the lead's registry
+    and config lines are in)."""
+    monkeypatch.setitem(run_config.CONFIG_BLOCKS, "lotcrs", "lotcrs_plugin.system.lotcrs:FinetuneConfig")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    registry.register_all()
+    from lotcrs_plugin.data.finetune_samples import LOTCRSDataLoader
+    from lotcrs_plugin.model.lotcrs import LOTCRSModel
+    from lotcrs_plugin.system import lotcrs
+
+    registry.register_model(lotcrs.MODEL_NAME, LOTCRSModel)
+    registry.register_system(lotcrs.MODEL_NAME, lotcrs.LOTCRSSystem)
+    registry.register_dataloader(lotcrs.MODEL_NAME, LOTCRSDataLoader)
+    return lotcrs
+
+
+def small_bpe(n_merges: int = 3000):
+    """GPT-2's byte-level BPE cut to its first merges (a valid BPE: its byte alphabet, then the
+    results of the merges kept, in order): 25x fewer rows in every embedding and LM head."""
+    vocab, merges = _gpt2_bpe()
+    if not merges:
+        return vocab, merges
+    by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+    kept = dict(by_id[:256 + n_merges])
+    kept["<|endoftext|>"] = len(kept)
+    return kept, merges[:n_merges]
+
+
+@pytest.fixture(scope="module")
+def backbone_paths(tmp_path_factory) -> dict[str, str]:
+    import test_backbones
+
+    root = tmp_path_factory.mktemp("lotcrs_backbones")
+    with pytest.MonkeyPatch.context() as mp:  # the helpers read bpe_files() at call time
+        mp.setattr(test_backbones, "bpe_files", small_bpe)
+        return {"bert": "builtin:tiny-bert", "bart": str(tiny_bart(root / "bart")),
+                "unicrs": str(tiny_unicrs(root / "unicrs"))}
+
+
+def tiny_opt(backbone: str, path: str, **lotcrs) -> dict:
+    """The demo config shrunk to seconds: 2 pre-training steps, one short fine-tuning epoch."""
+    opt = yaml.safe_load(DEMO.read_text())
+    opt["synthetic"] = dict(SMALL)
+    opt["simulation"] = {"per_item": 2}
+    opt["backbone"], opt["backbone_path"] = backbone, path
+    opt["lotcrs_pretrain"] = {"run_name": f"t_{backbone}_pre", "epochs": 1, "max_steps": 2, "batch_size": 4,
+                              "grad_accumulation": 1, "lr": 0.01, "max_length": 48, "checkpoint_every": 0,
+                              "eval_max_batches": 1, "pooling": "mean"}
+    opt["retrieval"] = {"top_k": 4, "max_per_item": 2, "n_neg": 32, "loss_weight": 0.6}
+    opt["lotcrs"] = {"run_name": f"t_{backbone}", "epochs": 1, "batch_size": 16, "grad_accumulation": 1,
+                     "eval_batch_size": 64, "lr": 0.005, "max_length": 48, "max_train_batches": 2, "impatience": 0,
+                     "teacher_epochs": 1, "teacher_max_samples": 16, "teacher_lr": 0.005, **lotcrs}
+    return opt
+
+
+def assert_longtail_in_range(report: dict) -> None:
+    ks = report["ks"]
+    for part in [report, *report["subsets"].values()]:
+        assert part["n_samples"] > 0
+        m = part["metrics"]
+        for k in ks:
+            for name in ("recall", "ndcg", "mrr", "coverage", "tail_coverage", "gini"):
+                v = m[f"{name}@{k}"]
+                assert v is not None and 0.0 <= v <= 1.0 and not math.isnan(v), (name, k, v)
+            assert m[f"avg_popularity@{k}"] >= 0
+        assert m["recall@1"] <= m["recall@10"] <= m["recall@50"]
+        assert m["coverage@1"] <= m["coverage@10"] <= m["coverage@50"]
+
+
+# ---- the whole pipeline ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backbone", ["bart", "unicrs"])
+def test_pipeline_runs_for_backbone(plugin, backbone_paths, lotcrs_home, backbone):
+    from lotcrs_plugin.runner import run
+
+    result = run(tiny_opt(backbone, backbone_paths[backbone]))
+    report = result.test["longtail"]
+    assert_longtail_in_range(report)
+    unmentioned = report["subsets"]["unmentioned"]
+    assert 0 < unmentioned["n_samples"] <= report["n_samples"]
+    summary = json.loads((lotcrs_home / "save" / f"t_{backbone}" / "finetune.json").read_text())
+    assert summary["pretrained_from"].endswith(f"t_{backbone}_pre/backbone")
+    assert summary["store_entries"] == SMALL["n_items"] * 2 and summary["teacher"] == "simulated"
+
+
+def test_bert_pipeline_selects_on_validation_and_restores(plugin, backbone_paths, lotcrs_home):
+    """Best epoch on validation, the tested model is that epoch's, and --restore-system tests the
+    saved system to the same numbers."""
+    from lotcrs_plugin.runner import run
+
+    opt = tiny_opt("bert", backbone_paths["bert"], epochs=3, store_refresh="epoch")
+    opt["model_file"] = "t_bert_system.pth"
+    result = run(opt, save_system=True)
+    report = result.test["longtail"]
+    assert_longtail_in_range(report)
+    assert set(report["subsets"]) == {"unmentioned"}
+    run_dir = lotcrs_home / "save" / "t_bert"
+    summary = json.loads((run_dir / "finetune.json").read_text())
+    scores = [h["score"] for h in summary["history"]]
+    assert len(scores) == 3
+    best = int(np.argmax(scores))  # the first of equal scores: ties keep the earlier epoch
+    assert summary["selection"]["best_epoch"] == best == result.selection["selected_epoch"]
+    saved = torch.load(lotcrs_home / "save" / "t_bert_system.pth", weights_only=True)["model_state_dict"]
+    best_state = torch.load(run_dir / "best.pt", weights_only=True)["model"]
+    for key, value in best_state.items():  # the saved (tested) model is the best epoch's
+        torch.testing.assert_close(saved[key], value, msg=key)
+    if best != 2:
+        last = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+        assert any(not torch.equal(last[k], v) for k, v in best_state.items())
+    # the test split never reached the choice: its report is the only test-mode one
+    assert [r["mode"] for r in result.reports if r.get("longtail")].count("test") == 1
+
+    again = run(opt, restore_system=True)
+    assert again.test["longtail"]["metrics"] == report["metrics"]
+    assert again.test["longtail"]["subsets"] == report["subsets"]
+
+
+def test_resume_continues_after_the_last_epoch(plugin, backbone_paths, lotcrs_home):
+    from lotcrs_plugin.runner import run
+
+    base = dict(pretrain=False, run_name="t_resume", impatience=0)
+    one = run(tiny_opt("bert", backbone_paths["bert"], epochs=1, **base))
+    ckpt = lotcrs_home / "save" / "t_resume" / "checkpoint.pt"
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
+    two = run(tiny_opt("bert", backbone_paths["bert"], epochs=2, resume=True, **base))
+    state = torch.load(ckpt, weights_only=False)
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [0, 1]
+    # the resumed run re-reported its earlier best epoch (0), so the selection hook knows it
+    assert [h["epoch"] for h in two.selection["history"]] == [0, 1]
+    assert two.selection["selected_epoch"] == state["best_epoch"]
+    assert_longtail_in_range(two.test["longtail"])
+    assert one.test["longtail"]["n_samples"] == two.test["longtail"]["n_samples"]
+
+
+# ---- inside the model ------------------------------------------------------------------------
+
+def _system(opt: dict):
+    opt = run_config.validate(opt)
+    registry.register_all()
+    run_config.check_names(opt)
+    crs = run_config.to_crslab_config(opt)
+    from crslab.data import get_dataloader, get_dataset
+    from crslab.system import get_system
+
+    dataset = get_dataset(crs, crs["tokenize"], False, False)
+    loaders = [get_dataloader(crs, split, dataset.vocab)
+               for split in (dataset.train_data, dataset.valid_data, dataset.test_data)]
+    return get_system(crs, *loaders, dataset.vocab, dataset.side_data)
+
+
+@pytest.fixture
+def bert_system(plugin, backbone_paths):
+    system = _system(tiny_opt("bert", backbone_paths["bert"], pretrain=False))
+    torch.manual_seed(0)
+    return system
+
+
+def test_fusion_moves_the_scores_towards_the_retrieved_values(bert_system):
+    system = bert_system
+    model = system.model
+    store = system.build_store()
+    model.eval()
+    batch = next(iter(system.batches(system.data("test"), train=False, batch_size=8)))
+    with torch.no_grad():
+        out = model(batch.tokens)
+        assert out.retrieved is not None and out.retrieved.values.shape == (8, 4, model.backbone.hidden_size)
+        # the scores are the verbaliser on LayerNorm(h + w * attention) at the mask
+        attended, weights = model.fusion.attend(out.mask_states[:, None], out.retrieved.values, out.retrieved.mask)
+        fused = model.fusion.layer_norm(out.mask_states[:, None] + model.fusion.weight * attended)[:, 0]
+        torch.testing.assert_close(out.logits, model.backbone.item_logits(fused))
+        assert torch.allclose(weights.sum(-1), torch.ones(8, 1))
+        model.store = None
+        plain = model(batch.tokens).logits
+        assert not torch.allclose(plain, out.logits)
+        assert torch.equal(plain, model.backbone.item_logits(out.mask_states))
+        # with a large weight, retrieving one value v makes the prediction that of v
+        v = torch.from_numpy(store.values[0])
+        steer = model.backbone.item_logits(model.fusion.layer_norm(v)[None]).argmax(-1)
+        model.fusion.weight = 1e4
+        steered = model.fusion(out.mask_states[:, None], v.expand(8, 1, -1))[:, 0]
+        assert (model.backbone.item_logits(steered).argmax(-1) == steer).all()
+        assert (plain.argmax(-1) != steer).any()
+        # the query is the store's key space: pooled from encode() equals the backbone's own pooling
+        hidden = model.backbone.encode(batch.tokens)
+        torch.testing.assert_close(model.represent(batch.tokens, hidden),
+                                   model.backbone.context_representation(batch.tokens, model.pooling))
+
+
+def test_recommend_scores_a_dialog_as_its_sample(bert_system):
+    system = bert_system
+    system.build_store()
+    test = system.data("test")
+    first, cut = test.index.contexts[0]
+    dialog = system.dialogs("test")[int(test.index.dialogs[0])]["dialog"]
+    top = system.recommend(dialog[:cut - first], k=10)
+    system.model.eval()
+    with torch.no_grad():
+        logits = system.model(test[np.array([0])].tokens).logits[0]
+    assert top == logits.topk(10).indices.tolist() and len(set(top)) == 10
+
+
+def test_label_smoothness_pulls_the_student_towards_the_teacher(bert_system):
+    from lotcrs_plugin.model.smoothing import TeacherScores
+
+    system = bert_system
+    system.model.fusion = None  # smoothing alone
+    train = system.data("train")
+    batch = next(iter(system.batches(train, train=False, batch_size=16)))
+    favourite = int((batch.targets.max() + 1) % len(system.model.items))  # not a target of the batch
+    start = copy.deepcopy(system.model.state_dict())
+    logits = torch.full((len(train), len(system.model.items)), -20.0)
+    logits[:, favourite] = 20.0
+    teacher = TeacherScores.from_logits(logits, kind="simulated")
+
+    def p_favourite(beta: float) -> float:
+        system.model.load_state_dict(start)
+        system.smoothing_cfg = type(system.smoothing_cfg)(beta=beta, teacher="simulated")
+        system.teacher = teacher if beta else None
+        system.build_optim()
+        system.model.train()
+        for _ in range(3):
+            torch.manual_seed(0)  # the same dropout in both runs
+            system.step(batch, "rec", "train")
+            system.optimizer_step()
+        system.model.eval()
+        with torch.no_grad():
+            return float(torch.softmax(system.model(batch.tokens).logits, -1)[:, favourite].mean())
+
+    assert p_favourite(2.0) > 2 * p_favourite(0.0)
+
+
+# ---- samples ---------------------------------------------------------------------------------
+
+def test_recommendation_samples_and_the_mentioned_flag(tmp_path):
+    from lotcrs_plugin.data.finetune_samples import RecData, recommendation_index, simulated_index, turn_roles
+    from lotcrs_plugin.data.pretrain_samples import ItemVocab, tokenize_dialogs
+    from lotcrs_plugin.model.backbones import build_backbone
+
+    from test_pretrain import DIALOGS, ENTITY2ID, ITEMS
+
+    dialogs = copy.deepcopy(DIALOGS)
+    # dialog a: the Recommender names item 0 (turn 1) and then items 1, 0 and 1 again (turn 3)
+    dialogs[0]["dialog"][3]["movies"] = ["Hidden Echo (1984)", "Secret River (1990)", "Hidden Echo (1984)"]
+    words = [w for d in dialogs for t in d["dialog"] for w in t["text"]]
+    from test_backbones import tiny_bert
+
+    bb = build_backbone("bert", str(tiny_bert(tmp_path, words + ["1984", "1990"])))
+    bb.add_item_tokens(ITEMS.display_names, ITEMS.entity_ids)
+    table = tokenize_dialogs(dialogs, bb.tokenizer, bb.sep_ids, ITEMS, ENTITY2ID)
+    index = recommendation_index(table, turn_roles(dialogs))
+    # turn 1: item 0; turn 3: items 1 and 0 once each (0 was named before); dialog b: item 1
+    assert index.contexts.tolist() == [[0, 1], [0, 3], [0, 3], [4, 5]]
+    assert index.targets.tolist() == [0, 1, 0, 1]
+    assert index.mentioned.tolist() == [False, False, True, False]
+    data = RecData(table, bb.input_format(32), bb.first_item_id, index)
+    ids, _, _, pos = data.row(2)
+    assert ids[pos] == bb.mask_token_id and bb.first_item_id + 0 in ids.tolist()  # a repeat stays visible
+    sim = simulated_index(table)  # the target (last item named) is masked in its context
+    sim_data = RecData(table, bb.input_format(32), bb.first_item_id, sim)
+    for i in range(len(sim)):
+        assert bb.first_item_id + sim.targets[i] not in sim_data.row(i)[0].tolist()
+    batch = data[np.array([3, 0])]
+    assert batch.sample_idx.tolist() == [3, 0] and batch.mentioned.tolist() == [False, False]
+    assert (batch.tokens.input_ids[torch.arange(2), batch.tokens.mask_positions] == bb.mask_token_id).all()
+
+
+# ---- configs ---------------------------------------------------------------------------------
+
+def test_config_block_validation(plugin):
+    from lotcrs_plugin.system.lotcrs import FinetuneConfig
+
+    cfg = FinetuneConfig.from_dict({"lr": 1, "epochs": 3})
+    assert cfg.lr == 1.0 and cfg.max_length == 256 and cfg.pretrain and cfg.retrieval
+    with pytest.raises(UserError, match="unknown key 'epoch'; known keys: pretrain, retrieval"):
+        FinetuneConfig.from_dict({"epoch": 2})
+    with pytest.raises(UserError, match="key 'store_refresh' must be fixed or epoch"):
+        FinetuneConfig.from_dict({"store_refresh": "never"})
+    with pytest.raises(UserError, match="key 'retrieval' must be true or false"):
+        FinetuneConfig.from_dict({"retrieval": "no"})
+
+
+def test_every_lotcrs_config_file_validates(plugin):
+    files = sorted(CONFIGS.glob("lotcrs_*.yaml")) + sorted(CONFIGS.glob("lotcrs_*/*.yaml")) + [DEMO]
+    assert len([f for f in files if f.parent == CONFIGS and "pretrain" not in f.name]) >= 6
+    for path in files:
+        opt = run_config.validate(run_config.read_yaml(path), where=str(path))
+        if opt.get("model") == "LOTCRS":
+            assert opt["backbone"] in ("bert", "bart", "unicrs"), path
+            assert opt["evaluator"] == "longtail", path
+    with pytest.raises(UserError, match="block 'lotcrs': key 'epochs' must be an integer"):
+        run_config.validate(dict(yaml.safe_load(DEMO.read_text()), lotcrs={"epochs": "two"}))
