@@ -301,6 +301,23 @@ def _label(row: Row, several_datasets: bool) -> str:
     return f"{model} ({row.get('dataset')})" if several_datasets else model
 
 
+def _annotate_apart(ax: Any, points: list[tuple[float, float, str]], min_px: float = 11.0) -> None:
+    """Label each point, moving a label up or down (in points) until it clears the labels placed."""
+    placed: list[tuple[float, float]] = []
+    ax.figure.canvas.draw()  # fixes the data -> display transform
+    to_px = ax.transData.transform
+    for x, y, text in sorted(points, key=lambda p: (p[0], -p[1])):
+        px, py = to_px((x, y))
+        for dy in (4, -12, 16, -24, 28, -36, 40, -48):
+            ly = py + dy * ax.figure.dpi / 72
+            if all(abs(ly - qy) >= min_px * ax.figure.dpi / 72 or abs(px - qx) > 120 for qx, qy in placed):
+                break
+        placed.append((px, ly))
+        leader = None if dy == 4 else {"arrowstyle": "-", "lw": 0.5, "color": "0.5"}
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(14 if leader else 4, dy), fontsize=8,
+                    va="center" if leader else "baseline", arrowprops=leader)
+
+
 def plot_tradeoff(rows: Sequence[Row], path: Path) -> bool:
     """Recall@10 against Tail-Coverage@50, one labelled point per run; False when nothing to plot."""
     points = [r for r in rows if r.status == "ok" and r.get("recall@10") is not None
@@ -319,15 +336,14 @@ def plot_tradeoff(rows: Sequence[Row], path: Path) -> bool:
         mine = [r for r in points if r.get("dataset") == dataset]
         ax.scatter([r.get("tail_coverage@50") for r in mine], [r.get("recall@10") for r in mine],
                    marker=markers[i % len(markers)], s=45, label=dataset)
-        for r in mine:
-            ax.annotate(r.get("model") or r.config, (r.get("tail_coverage@50"), r.get("recall@10")),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    _annotate_apart(ax, [(r.get("tail_coverage@50"), r.get("recall@10"), _label(r, len(datasets) > 1))
+                         for r in points])
     ax.set_xlabel("Tail-Coverage@50 (share of tail items recommended)")
     ax.set_ylabel("Recall@10")
     ax.set_title("Accuracy against long-tail coverage (test)")
     ax.grid(True, alpha=0.3)
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
     if len(datasets) > 1:
         ax.legend()
     fig.tight_layout()
