@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parents[1]
 # The command module run as `crslab import-data` would run it (independent of the CLI wiring).
 RUNNER = ("import argparse, sys; from lotcrs_plugin.commands import import_data as m; "
@@ -33,16 +35,6 @@ def jobs(data: Path) -> dict[str, list[str]]:
             "--format", "redial", "--name", "redial_partial", "--train", str(r / "train_partial.jsonl"),
             "--movies", str(r / "movies_with_mentions.csv"), "--attributes", str(r / "movie_attributes.json")],
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -28,17 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_data(n: int, dim: int, per_item: int, n_queries: int, noise: float, seed: int = 0):
