@@ -63,6 +63,7 @@ CONFIG_BLOCKS: dict[str, str] = {
     "lotcrs_pretrain": "lotcrs_plugin.system.pretrain:PretrainConfig",
     "lotcrs": "lotcrs_plugin.system.lotcrs:FinetuneConfig",
     "selection": "lotcrs_plugin.system.selection:SelectionConfig",
+    "distributed": "lotcrs_plugin.system.distributed:DistributedConfig",
 }
 
 _OPT_KEY = re.compile(r"""(?:opt|config)(?:\[|\.get\()\s*['"]([A-Za-z_][A-Za-z_0-9]*)['"]""")

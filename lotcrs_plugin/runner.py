@@ -4,6 +4,10 @@ Differences from ``crslab.quick_start.run_crslab``: the config is validated firs
 checkpoints and logs go under the user's root; the caller's loguru sinks are left alone (one
 file sink is added for the run and removed after); the test metrics of every stage are
 returned and written to ``<root>/results/<run>.json``.
+
+Started by torchrun with several processes (lotcrs_plugin.system.distributed), process 0 alone
+writes the log file, the results file and a saved system; the dataset is prepared by process 0
+first, then read by the others.
 """
 
 from __future__ import annotations
@@ -88,8 +92,11 @@ def run(
     debug: bool = False,
     save_data: bool = False,
     restore_data: bool = False,
+    dist_backend: str | None = None,
 ) -> RunResult:
-    """Train and test the system a config describes (CRSLab's or the plugin's)."""
+    """Train and test the system a config describes (CRSLab's or the plugin's). dist_backend:
+    torch.distributed's backend when torchrun started several processes (over the config's
+    ``distributed.backend``)."""
     started = time.perf_counter()
     source = str(config) if config is not None and not isinstance(config, dict) else "<dict>"
     if config is None:
@@ -107,17 +114,40 @@ def run(
     layout = paths.active_layout()
     run_config.check_names(opt, where=source)
     crs_config = run_config.to_crslab_config(opt, gpu)
+    from lotcrs_plugin.system import distributed
+
+    if interact and distributed.launched()[0] > 1:
+        raise UserError("--interact talks to one process; run it without torchrun / --nproc")
+    dist = distributed.setup(opt.get("distributed"), crs_config.opt, backend=dist_backend)
+    try:
+        return _run(opt, crs_config, source, layout, dist, started, save_system=save_system,
+                    restore_system=restore_system, interact=interact, tensorboard=tensorboard, debug=debug,
+                    save_data=save_data, restore_data=restore_data)
+    finally:
+        dist.close()
+
+
+def _run(opt: dict, crs_config: Any, source: str, layout: Any, dist: Any, started: float, *, save_system: bool,
+         restore_system: bool, interact: bool, tensorboard: bool, debug: bool, save_data: bool,
+         restore_data: bool) -> RunResult:
     name = crs_config.opt["model_name"]
     run_name = opt.get("log_name") or f"{opt['dataset']}_{name}_{time.strftime('%Y-%m-%d-%H-%M-%S')}"
-    layout.log.mkdir(parents=True, exist_ok=True)
     log_file = layout.log / f"{run_name}.log"
-    sink_id = logger.add(str(log_file), level="DEBUG" if debug else "INFO")
+    sink_id = None
+    if dist.is_main:  # the other processes log to their console only
+        layout.log.mkdir(parents=True, exist_ok=True)
+        sink_id = logger.add(str(log_file), level="DEBUG" if debug else "INFO")
     try:
         seed_everything(int(opt["seed"]))
         logger.info(f"[lotcrs] config {source}; root {layout.root}")
         logger.info("[Config]\n" + json.dumps(crs_config.opt, indent=2, default=str))
-        system = _build_system(crs_config, restore_data, save_data, restore_system, interact, debug, tensorboard)
-        result = RunResult(dataset=opt["dataset"], model_name=name, log_file=str(log_file),
+        with dist.main_first():  # process 0 makes the dataset files (and built-in backbones) once
+            system = _build_system(crs_config, restore_data, save_data, restore_system, interact, debug,
+                                   tensorboard)
+        if dist.active and getattr(system, "dist", None) is None:
+            raise UserError(f"model {name} trains in one process; several processes (torchrun, --nproc) are for "
+                            f"the LOT-CRS systems (model: LOTCRS or LOTCRSPretrain)")
+        result = RunResult(dataset=opt["dataset"], model_name=name, log_file=str(log_file) if dist.is_main else "",
                            model_file=str(getattr(system, "model_file", "")))
         if interact:
             system.interact()
@@ -129,10 +159,11 @@ def run(
         selector = attach_selection(system, opt)
         system.fit()
         result.selection = selection_summary(selector)
-        if save_system:
+        if save_system and dist.is_main:
             system.save_model()
     finally:
-        logger.remove(sink_id)
+        if sink_id is not None:
+            logger.remove(sink_id)
     result.test = {}
     for i, entry in enumerate(r for r in result.reports if r["mode"] == "test"):
         for part in ("rec", "gen"):
@@ -141,6 +172,8 @@ def run(
         if entry.get("longtail"):
             result.test["longtail"] = entry["longtail"]
     result.seconds = round(time.perf_counter() - started, 2)
+    if not dist.is_main:
+        return result
     results_dir = layout.root / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     result.results_file = str(results_dir / f"{run_name}.json")

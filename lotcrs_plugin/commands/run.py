@@ -21,25 +21,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restore-data", action="store_true", help="load the saved processed dataset")
     parser.add_argument("--tensorboard", action="store_true", help="write tensorboard logs under <root>/runs")
     parser.add_argument("--interact", action="store_true", help="talk to the system instead of training")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train in N processes on this machine (torchrun; LOT-CRS systems): with --gpu, "
+                        "one per listed GPU; on CPU, N gloo processes. Same global batch and lr as one process")
+    parser.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"),
+                        help="torch.distributed backend with several processes (default: the config's "
+                        "distributed.backend, auto: nccl on GPUs, gloo on CPU)")
+
+
+def launch_command(args: argparse.Namespace) -> list[str]:
+    """The torchrun command line that runs this command in ``args.nproc`` processes."""
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           "-m", "lotcrs_plugin.cli"]
+    if args.debug:
+        cmd.append("--debug")
+    cmd.append(NAME)
+    for flag, value in (("--config", args.config), ("--gpu", args.gpu), ("--seed", args.seed),
+                        ("--output-root", args.output_root), ("--dist-backend", args.dist_backend)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    for flag in ("save_system", "restore_system", "save_data", "restore_data", "tensorboard"):
+        if getattr(args, flag):
+            cmd.append("--" + flag.replace("_", "-"))
+    return cmd
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     import sys
+
+    from lotcrs_plugin.errors import UserError
+
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, not {args.nproc}")
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if args.nproc > 1 and not launched:  # start torchrun, which runs this command in each process
+        if args.interact:
+            raise UserError("--interact talks to one process; leave out --nproc")
+        import subprocess
+
+        return subprocess.call(launch_command(args))
 
     from loguru import logger
 
     from lotcrs_plugin.report import format_result
     from lotcrs_plugin.runner import run as run_system
 
-    # The command owns its process, so it sets the console level (a library caller keeps its own).
+    # The command owns its process, so it sets the console level (a library caller keeps its own);
+    # with several processes, the others than process 0 show warnings and errors only.
+    main = int(os.environ.get("RANK", "0") or 0) == 0
     logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if args.debug else "INFO")
+    logger.add(sys.stderr, level=("DEBUG" if args.debug else "INFO") if main else "WARNING")
     result = run_system(
         args.config, gpu=args.gpu, seed=args.seed, output_root=args.output_root,
         save_system=args.save_system, restore_system=args.restore_system, interact=args.interact,
         tensorboard=args.tensorboard, debug=args.debug, save_data=args.save_data,
-        restore_data=args.restore_data,
+        restore_data=args.restore_data, dist_backend=args.dist_backend,
     )
-    if not args.interact:
+    if not args.interact and main:
         print(format_result(result))
     return 0

@@ -52,6 +52,8 @@ from lotcrs_plugin.data.pretrain_samples import (  # noqa: E402
 )
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, POOLINGS, EntityKG, TokenBatch, build_backbone  # noqa: E402
 from lotcrs_plugin.model.pretrain_losses import ProjectionHead, info_nce, mask_keywords, masked_lm_loss  # noqa: E402
+from lotcrs_plugin.system import distributed  # noqa: E402
+from lotcrs_plugin.system.optim import adamw_linear  # noqa: E402
 
 MODEL_NAME = "LOTCRSPretrain"
 BLOCK = "lotcrs_pretrain"
@@ -72,7 +74,8 @@ class PretrainConfig:
     stop after this many optimizer steps (0: no limit; the schedule still spans all epochs).
     lr, weight_decay, warmup_ratio: AdamW and a linear warmup/decay schedule. batch_size: DMP
     samples per micro-batch; cca_batch_size: CCA pairs per micro-batch (0: batch_size);
-    grad_accumulation: micro-batches per optimizer step (effective batch 16 x 4 = 64);
+    grad_accumulation: micro-batches per optimizer step (effective batch 16 x 4 = 64, also over
+    several processes: lotcrs_plugin.system.distributed);
     max_grad_norm: clipping (0: off). mlm_probability: chance a keyword span is masked.
     temperature, similarity: InfoNCE. dmp_weight, cca_weight: loss weights (0 turns a task off:
     the paper runs DMP, then CCA from the DMP checkpoint). pooling: the CCA representation, cls |
@@ -207,6 +210,24 @@ class LOTCRSPretrainModel(nn.Module):
         self.projection = ProjectionHead(self.backbone.hidden_size) if use_projection else None
         self.backbone_name, self.backbone_path = name, path
 
+    def forward(self, batch: PretrainBatch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The losses of a micro-batch: 'total' (weighted DMP + CCA, with its graph; absent when
+        the batch has no task) and its parts, detached. One forward, so that DDP sees the step."""
+        cfg = self.cfg
+        out: dict[str, torch.Tensor] = {}
+        total = None
+        if cfg.dmp_weight > 0 and batch.dmp is not None:
+            loss, acc = self.dmp(batch.dmp, generator)
+            total = cfg.dmp_weight * loss
+            out["dmp_loss"], out["dmp_acc"] = loss.detach(), acc
+        if cfg.cca_weight > 0 and batch.cca is not None:
+            loss, acc = self.cca(batch.cca, batch.cca_targets)
+            total = cfg.cca_weight * loss + (total if total is not None else 0)
+            out["cca_loss"], out["cca_acc"] = loss.detach(), acc
+        if total is not None:
+            out["total"] = total
+        return out
+
     def dmp(self, batch: TokenBatch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, accuracy) of domain-adaptive masked prediction on unmasked inputs."""
         bb = self.backbone
@@ -294,6 +315,8 @@ class LOTCRSPretrainSystem(BaseSystem):
         self.last: dict[str, float] = {}
         self.optimizer = self.scheduler = None
         self._saved_step = -1
+        self.dist = distributed.current()  # one process unless torchrun started several
+        self.ddp: nn.Module | None = None  # the model in DDP while fit() trains (several processes)
 
     # -- data
 
@@ -338,26 +361,19 @@ class LOTCRSPretrainSystem(BaseSystem):
     # -- one batch
 
     def step(self, batch: PretrainBatch, stage: str = STAGE, mode: str = "train",
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+             generator: torch.Generator | None = None, *, scale: float = 1.0) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch (detached, on the device); in train mode also the backward
-        pass, scaled for gradient accumulation."""
+        pass, scaled for gradient accumulation (and by ``scale``: see lotcrs_plugin.system.distributed)."""
         batch = batch.to(self.device, non_blocking=True)
-        out: dict[str, torch.Tensor] = {}
-        total = None
+        model = self.ddp if mode == "train" and self.ddp is not None else self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            if self.use_dmp and batch.dmp is not None:
-                loss, acc = self.model.dmp(batch.dmp, generator)
-                total = self.cfg.dmp_weight * loss
-                out["dmp_loss"], out["dmp_acc"] = loss.detach(), acc
-            if self.use_cca and batch.cca is not None:
-                loss, acc = self.model.cca(batch.cca, batch.cca_targets)
-                total = self.cfg.cca_weight * loss + (total if total is not None else 0)
-                out["cca_loss"], out["cca_acc"] = loss.detach(), acc
+            out = model(batch, generator)
+        total = out.pop("total", None)
         if total is None:
             return out
         out["loss"] = total.detach()
         if mode == "train":
-            (total / self.cfg.grad_accumulation).backward()
+            (total * scale / self.cfg.grad_accumulation).backward()
         return out
 
     # -- optimisation
@@ -367,22 +383,10 @@ class LOTCRSPretrainSystem(BaseSystem):
 
     def build_optim(self) -> None:
         cfg = self.cfg
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        extra = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, **extra)
         total = max(1, self.steps_per_epoch() * cfg.epochs)
-        warmup = int(cfg.warmup_ratio * total)
-
-        def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.optimizer, self.scheduler = adamw_linear(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                      warmup_ratio=cfg.warmup_ratio, total_steps=total,
+                                                      fused=self.device.type == "cuda")
         self.total_steps = total
 
     def optimizer_step(self) -> None:
@@ -413,7 +417,10 @@ class LOTCRSPretrainSystem(BaseSystem):
         }
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoint.pt atomically (a temporary file renamed over the old one)."""
+        """Write checkpoint.pt atomically (a temporary file renamed over the old one); process 0
+        only (the others hold the same state)."""
+        if not self.dist.is_main:
+            return self.checkpoint_path
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
         torch.save(self.checkpoint_state(), tmp)
@@ -462,49 +469,64 @@ class LOTCRSPretrainSystem(BaseSystem):
     # -- the loops
 
     def fit(self) -> None:
+        dist = self.dist
+        dist.check_accumulation(self.cfg.grad_accumulation, f"{BLOCK}.grad_accumulation")
+        with dist.main_first():  # process 0 simulates the dialogs (a cache), the others read them
+            self.data("train")
         self.build_optim()
         if self.cfg.resume:
             self.load_checkpoint()
         writer = None
-        if self.use_tensorboard:
+        if self.use_tensorboard and dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(log_dir=str(self.tb_dir))
+        self.ddp = dist.wrap(self.model)
         try:
             self.train_loop(writer)
-            self.evaluate("test", writer)
+            self.ddp = None
+            if dist.is_main:
+                self.evaluate("test", writer)
         finally:
+            self.ddp = None
             if writer is not None:
                 writer.close()
-        self.export()
+        if dist.is_main:
+            self.export()
+        dist.barrier()  # the export exists for every process after fit()
 
     def train_loop(self, writer: Any = None) -> None:
         from tqdm.auto import tqdm
 
-        cfg, acc = self.cfg, self.cfg.grad_accumulation
+        cfg, acc, dist = self.cfg, self.cfg.grad_accumulation, self.dist
+        processes = f", {dist.world} processes" if dist.active else ""
         logger.info(f"[pretrain] {self.run_name}: {self.steps_per_epoch()} steps per epoch, {cfg.epochs} epochs, "
-                    f"effective batch {cfg.batch_size * acc}, device {self.device}, bf16 {self.autocast}")
+                    f"effective batch {cfg.batch_size * acc}{processes}, device {self.device}, bf16 {self.autocast}")
         while self.epoch < cfg.epochs:
             sampler = self.sampler("train", self.epoch, start=self.batch_in_epoch)
             n_batches, start = sampler.n_batches, sampler.start
+            micro = dist.plan(n_batches, start, acc)  # this process's share (all of it in one process)
             self.model.train()
             sums: dict[str, torch.Tensor] = {}
             n_sum = 0
             bar = tqdm(total=n_batches, initial=start, desc=f"pretrain epoch {self.epoch}", dynamic_ncols=True,
-                       leave=False)
+                       leave=False, disable=not dist.is_main)
             stopped = False
-            for i, batch in enumerate(self.loader("train", sampler), start=start):
-                losses = self.step(batch, STAGE, "train")
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0) + v
-                n_sum += 1
-                bar.update(1)
-                if (i + 1) % acc and i + 1 != n_batches:
+            for mb, batch in zip(micro, self.loader("train", dist.shard(sampler, micro))):
+                with dist.sync(self.ddp, mb.last):
+                    losses = self.step(batch, STAGE, "train", scale=mb.scale)
+                if mb.scale:  # a stand-in (scale 0) is not a sample
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0) + v
+                    n_sum += 1
+                if not mb.last:
                     continue
+                bar.update(mb.end - bar.n)
                 self.optimizer_step()
-                self.batch_in_epoch = i + 1
-                if self.global_step % cfg.log_every == 0 or i + 1 == n_batches:
-                    self.last = {k: float(v) / n_sum for k, v in sums.items()}
+                self.batch_in_epoch = mb.end
+                if self.global_step % cfg.log_every == 0 or mb.end == n_batches:
+                    sums, n_sum = dist.sum_over_processes({k: float(v) for k, v in sums.items()}, n_sum)
+                    self.last = {k: v / max(1, n_sum) for k, v in sums.items()}
                     sums, n_sum = {}, 0
                     self.log_train(writer, bar)
                 if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
@@ -520,8 +542,10 @@ class LOTCRSPretrainSystem(BaseSystem):
                 return
             self.epoch += 1
             self.batch_in_epoch = 0
-            self.evaluate("valid", writer)
+            if dist.is_main:  # process 0 validates; the others wait
+                self.evaluate("valid", writer)
             self.save_checkpoint()
+            dist.barrier()
 
     def log_train(self, writer: Any, bar: Any) -> None:
         lr = self.scheduler.get_last_lr()[0]

@@ -1,0 +1,30 @@
+"""AdamW with a linear warmup then linear decay to 0: the schedule of LOT-CRS pre-training and
+fine-tuning (LOTCRSPretrainSystem.build_optim, LOTCRSSystem.build_optim)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def adamw_linear(model: nn.Module, *, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int,
+                 fused: bool = False) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """(optimizer, scheduler) for the trainable parameters of ``model``. Biases, norms and other
+    vectors get no weight decay. ``total_steps``: optimizer steps of the whole run; the first
+    ``int(warmup_ratio * total_steps)`` warm up. ``fused``: the fused CUDA kernel."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if fused else {}
+    optimizer = torch.optim.AdamW(groups, lr=lr, **extra)
+    total = max(1, total_steps)
+    warmup = int(warmup_ratio * total)
+
+    def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
