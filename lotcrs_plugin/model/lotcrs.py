@@ -40,8 +40,10 @@ from torch import nn
 
 from lotcrs_plugin.data.pretrain_samples import ItemVocab
 from lotcrs_plugin.errors import UserError
+from lotcrs_plugin.evaluator.ranking import Ranking, rank_dense, rank_linear
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, build_backbone
 from lotcrs_plugin.model.fusion import RetrievalFusion
+from lotcrs_plugin.model.knn import KnnVoter, rank_linear_with_bonus
 from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig, RetrievalResult
 
 MODEL_NAME = "LOTCRS"
@@ -181,6 +183,7 @@ class LOTCRSModel(nn.Module):
         pretrain_block = opt.get("lotcrs_pretrain", None) or {}
         self._pooling = cfg.pooling or (pretrain_block.get("pooling") if isinstance(pretrain_block, dict) else "") or ""
         self.store: MemoryStore | None = None  # attached by the system; not part of the state dict
+        self.knn: KnnVoter | None = None  # the balanced store's vote at evaluation (model/knn.py); idem
 
     # -- backbone
 
@@ -256,16 +259,41 @@ class LOTCRSModel(nn.Module):
                                 value_mask=retrieved.mask)[:, 0]
         return ModelOutput(self.backbone.item_logits(fused), query, states, retrieved)
 
+    def rank_items(self, batch: TokenBatch, targets: torch.Tensor | None, k: int,
+                   max_elements: int) -> Ranking:
+        """Top-k items, each target's rank and the log-sum-exp of a batch (evaluation, no grad),
+        scored in item chunks of at most ``max_elements`` scores
+        (lotcrs_plugin.evaluator.ranking): the same fused state as :meth:`forward`, without its
+        (B, N) logits."""
+        hidden = self.backbone.encode(batch)
+        fused = states = self.at_mask(hidden, batch)
+        if self.uses_retrieval:
+            retrieved = self.store.search(self.represent(batch, hidden).detach().float())
+            fused = self.fusion(states[:, None], retrieved.values.to(states.dtype),
+                                value_mask=retrieved.mask)[:, 0]
+        head = self.backbone.item_head(fused)
+        if self.knn is not None and self.knn.weight > 0:
+            ids, bonus = self.knn.bonus(batch)
+            if head is None:
+                logits = self.backbone.item_logits(fused).float()
+                logits.scatter_add_(1, ids.clamp(min=0), torch.where(ids >= 0, bonus, torch.zeros_like(bonus)))
+                return rank_dense(logits, k, targets=targets, max_elements=max_elements)
+            return rank_linear_with_bonus(*head, k, ids, bonus, targets=targets, max_elements=max_elements)
+        if head is None:  # a head that is not one linear map: rank its dense scores
+            return rank_dense(self.backbone.item_logits(fused).float(), k, targets=targets,
+                              max_elements=max_elements)
+        return rank_linear(*head, k, targets=targets, max_elements=max_elements)
+
     def teacher_copy(self) -> "LOTCRSModel":
         """A copy of this model without fusion or store (the label-smoothness teacher)."""
-        store, fusion = self.store, self.fusion
-        self.store, self.fusion = None, None
+        store, fusion, knn = self.store, self.fusion, self.knn
+        self.store, self.fusion, self.knn = None, None, None
         try:
             import copy
 
             twin = copy.deepcopy(self)
         finally:
-            self.store, self.fusion = store, fusion
+            self.store, self.fusion, self.knn = store, fusion, knn
         return twin
 
 

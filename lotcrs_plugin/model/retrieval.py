@@ -25,12 +25,15 @@ from loguru import logger
 
 from lotcrs_plugin.errors import UserError
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "hnsw", "ivf_pq")
 MANIFEST = "manifest.json"
 FORMAT = "lotcrs-memory-store"
 FORMAT_VERSION = 1
 # faiss warns below 39 training points per IVF cell; fewer cells than that are clamped away
 _IVF_POINTS_PER_CELL = 39
+# k-means of the ivf cells trains on a seeded sample of this many keys per cell (faiss takes 256,
+# which makes building over millions of keys take many minutes for no better cells)
+_IVF_TRAIN_PER_CELL = 64
 
 
 @dataclass(frozen=True)
@@ -39,15 +42,20 @@ class RetrievalConfig:
 
     Store:
       index:           flat (exact inner product, faiss IndexFlatIP), ivf (IndexIVFFlat, keys
-                       clustered into ``nlist`` cells, ``nprobe`` searched) or hnsw
-                       (IndexHNSWFlat, graph with ``hnsw_m`` links, ``ef_search`` beam).
+                       clustered into ``nlist`` cells, ``nprobe`` searched), hnsw
+                       (IndexHNSWFlat, graph with ``hnsw_m`` links, ``ef_search`` beam) or
+                       ivf_pq (for millions of keys: IndexIVFPQFastScan, the cells hold 4-bit
+                       product-quantised codes scanned with SIMD; the best
+                       ``refine_factor`` x k candidates are re-scored exactly against the keys).
       top_k:           entries retrieved per query.
       normalize:       L2-normalise keys and queries (cosine similarity instead of inner product).
       max_per_item:    keep at most this many entries per item (the authors keep 10); null keeps all.
       sample_seed:     null keeps each item's first entries in input order; an integer draws
                        them at random with this seed.
-      nlist, nprobe:   ivf cells (clamped to N // 39 so every cell has training points) and
-                       cells searched per query.
+      nlist, nprobe:   ivf / ivf_pq cells (0: about 4 sqrt(N); clamped to N // 39 so every
+                       cell has training points) and cells searched per query.
+      pq_m, refine_factor: ivf_pq sub-vectors per key (0: the largest divisor of the key size
+                       up to a eighth of it, 48 for 384) and candidates re-scored per result.
       hnsw_m, ef_construction, ef_search: hnsw links per node, build beam and search beam
                        (raised to top_k when smaller).
       exclude_same_item: while training, drop entries of the sample's own item from its
@@ -58,6 +66,13 @@ class RetrievalConfig:
       loss_weight:     its weight in the fine-tuning loss (authors: 0.6; 0 turns it off).
       n_pos, n_neg:    keys of the target item (positives) and of other items (negatives) per query.
       temperature:     softmax temperature of the scores.
+    kNN vote of the balanced store at evaluation (lotcrs_plugin.model.knn; beyond the paper):
+      knn_weight:      w in score_i = logit_i + w * log(1 + N * p_knn_i); 0 = off (the paper),
+                       "auto" = the value of knn_grid with the best validation selection score.
+      knn_grid:        the weights "auto" tries.
+      knn_k:           simulated contexts that vote; knn_temperature: softmax temperature of
+                       their cosine similarities; knn_pooling: the frozen encoder's pooling.
+      knn_per_item:    simulated contexts kept per item (null: all).
     """
 
     index: str = "flat"
@@ -65,18 +80,30 @@ class RetrievalConfig:
     normalize: bool = False
     max_per_item: int | None = 10
     sample_seed: int | None = None
-    nlist: int = 1024
+    nlist: int = 0
     nprobe: int = 32
     hnsw_m: int = 32
     ef_construction: int = 40
     ef_search: int = 64
     exclude_same_item: bool = False
+    pq_m: int = 0
+    refine_factor: int = 4
     fusion_weight: float = 1.0
     dropout: float = 0.1
     loss_weight: float = 0.6
     n_pos: int = 4
     n_neg: int = 512
     temperature: float = 0.05
+    knn_weight: float | str = 0.0
+    knn_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+    knn_k: int = 100
+    knn_temperature: float = 0.05
+    knn_pooling: str = "mean"
+    knn_per_item: int | None = None
+
+    @property
+    def knn_on(self) -> bool:
+        return self.knn_weight == "auto" or float(self.knn_weight) > 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "RetrievalConfig":
@@ -91,9 +118,13 @@ class RetrievalConfig:
         for key in ("normalize", "exclude_same_item"):
             if key in d and not isinstance(d[key], bool):
                 raise UserError(f"key '{key}' must be true or false, not {d[key]!r}")
-        for key in ("top_k", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search", "n_pos", "n_neg"):
+        for key in ("top_k", "nprobe", "hnsw_m", "ef_construction", "ef_search", "n_pos", "n_neg",
+                    "refine_factor"):
             if key in d and not (_is_int(d[key]) and d[key] > 0):
                 raise UserError(f"key '{key}' must be an integer > 0, not {d[key]!r}")
+        for key in ("nlist", "pq_m"):
+            if key in d and not (_is_int(d[key]) and d[key] >= 0):
+                raise UserError(f"key '{key}' must be an integer >= 0 (0: automatic), not {d[key]!r}")
         if d.get("max_per_item") is not None and not (_is_int(d["max_per_item"]) and d["max_per_item"] > 0):
             raise UserError(f"key 'max_per_item' must be an integer > 0 or null, not {d['max_per_item']!r}")
         if d.get("sample_seed") is not None and not _is_int(d["sample_seed"]):
@@ -104,10 +135,27 @@ class RetrievalConfig:
                 if not _is_number(d[key]) or not low <= d[key] < high:
                     raise UserError(f"key '{key}' must be a number in [{low:g}, {high:g}), not {d[key]!r}")
                 d[key] = float(d[key])
-        if "temperature" in d:
-            if not _is_number(d["temperature"]) or not d["temperature"] > 0:
-                raise UserError(f"key 'temperature' must be a number > 0, not {d['temperature']!r}")
-            d["temperature"] = float(d["temperature"])
+        for key in ("temperature", "knn_temperature"):
+            if key in d:
+                if not _is_number(d[key]) or not d[key] > 0:
+                    raise UserError(f"key '{key}' must be a number > 0, not {d[key]!r}")
+                d[key] = float(d[key])
+        if "knn_weight" in d and d["knn_weight"] != "auto":
+            if not _is_number(d["knn_weight"]) or not 0 <= d["knn_weight"] < math.inf:
+                raise UserError(f"key 'knn_weight' must be a number >= 0 or auto, not {d['knn_weight']!r}")
+            d["knn_weight"] = float(d["knn_weight"])
+        if "knn_grid" in d:
+            grid = d["knn_grid"]
+            if (not isinstance(grid, (list, tuple)) or not grid
+                    or not all(_is_number(v) and 0 <= v < math.inf for v in grid)):
+                raise UserError(f"key 'knn_grid' must be a non-empty list of numbers >= 0, not {grid!r}")
+            d["knn_grid"] = tuple(float(v) for v in grid)
+        if "knn_k" in d and not (_is_int(d["knn_k"]) and d["knn_k"] > 0):
+            raise UserError(f"key 'knn_k' must be an integer > 0, not {d['knn_k']!r}")
+        if d.get("knn_per_item") is not None and not (_is_int(d["knn_per_item"]) and d["knn_per_item"] > 0):
+            raise UserError(f"key 'knn_per_item' must be an integer > 0 or null, not {d['knn_per_item']!r}")
+        if "knn_pooling" in d and d["knn_pooling"] not in ("cls", "mean", "first_last"):
+            raise UserError(f"key 'knn_pooling' must be one of cls, mean, first_last, not {d['knn_pooling']!r}")
         return cls(**d)
 
 
@@ -236,14 +284,46 @@ class MemoryStore:
     def _apply_search_params(self) -> None:
         import faiss
 
-        if self.config.index == "ivf":
+        if self.config.index in ("ivf", "ivf_pq"):
             faiss.extract_index_ivf(self.index).nprobe = min(self.config.nprobe, self.index.nlist)
         elif self.config.index == "hnsw":
             self.index.hnsw.efSearch = max(self.config.ef_search, self.config.top_k)
 
+    def describe(self) -> str:
+        """The index and its parameters in words (logs, benchmarks)."""
+        import faiss
+
+        c = self.config
+        if c.index in ("ivf", "ivf_pq"):
+            ivf = faiss.extract_index_ivf(self.index)
+            text = f"{c.index}: nlist {ivf.nlist}, nprobe {ivf.nprobe}"
+            if c.index == "ivf_pq":
+                text += f", PQ {faiss.downcast_index(self.index).pq.M}x4 bit, refine x{c.refine_factor}"
+            return text
+        if c.index == "hnsw":
+            return f"hnsw: M {c.hnsw_m}, efConstruction {c.ef_construction}, efSearch {self.index.hnsw.efSearch}"
+        return "flat (exact)"
+
+    def _index_search(self, q: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions) [B, depth] of the index; ivf_pq takes refine_factor x depth
+        candidates by their compressed codes and keeps the best by their exact score."""
+        if self.config.index != "ivf_pq":
+            return self.index.search(q, depth)
+        import faiss
+
+        wide = min(len(self), depth * self.config.refine_factor)
+        _, pos = self.index.search(q, wide)
+        pos = np.ascontiguousarray(pos, dtype=np.int64)
+        exact = np.empty(pos.shape, dtype=np.float32)
+        # C++ (OpenMP) inner products of each query with its candidates' keys; -1 gives -inf
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(exact), faiss.swig_ptr(q), faiss.swig_ptr(self.keys),
+                                         faiss.swig_ptr(pos), q.shape[1], q.shape[0], wide)
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :depth]
+        return np.take_along_axis(exact, order, 1), np.take_along_axis(pos, order, 1)
+
     def set_search_params(self, **changes: Any) -> None:
-        """Change top_k, nprobe or ef_search of a built or loaded store."""
-        allowed = ("top_k", "nprobe", "ef_search", "exclude_same_item")
+        """Change top_k, nprobe, ef_search or refine_factor of a built or loaded store."""
+        allowed = ("top_k", "nprobe", "ef_search", "exclude_same_item", "refine_factor")
         bad = [k for k in changes if k not in allowed]
         if bad:
             raise UserError(f"memory store: cannot change {', '.join(bad)} after building; "
@@ -309,7 +389,7 @@ class MemoryStore:
         extra = (self.max_item_count if ex_items is not None else 0) + (
             ex_entries.shape[1] if ex_entries is not None else 0)
         depth = min(len(self), k + extra)
-        scores, pos = self.index.search(q, depth)
+        scores, pos = self._index_search(q, depth)
         valid = pos >= 0
         safe = np.where(valid, pos, 0)
         if ex_items is not None:
@@ -432,6 +512,18 @@ def _normalize(x: np.ndarray) -> None:
     np.divide(x, norms, out=x, where=norms > 0)
 
 
+def ivf_cells(nlist: int, n: int) -> int:
+    """The ivf cells for n keys: ``nlist`` (0: about 4 sqrt(n)), at most n // 39 (faiss wants 39
+    training points per cell), at least 1."""
+    want = nlist or int(round(4 * math.sqrt(n)))
+    return max(1, min(want, n // _IVF_POINTS_PER_CELL))
+
+
+def auto_pq_m(d: int) -> int:
+    """Sub-vectors of an ivf_pq code: the largest divisor of d up to d / 8 (8 dimensions, 4 bits each)."""
+    return max(m for m in range(1, max(1, d // 8) + 1) if d % m == 0)
+
+
 def _make_index(config: RetrievalConfig, keys: np.ndarray) -> Any:
     import faiss
 
@@ -439,13 +531,24 @@ def _make_index(config: RetrievalConfig, keys: np.ndarray) -> Any:
     ip = faiss.METRIC_INNER_PRODUCT
     if config.index == "flat":
         index = faiss.IndexFlatIP(d)
-    elif config.index == "ivf":
-        nlist = max(1, min(config.nlist, n // _IVF_POINTS_PER_CELL))
-        if nlist != config.nlist:
-            logger.info(f"[retrieval] ivf: {n} keys support {nlist} cells, not {config.nlist}")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, ip)
-        index.cp.seed = 1234 if config.sample_seed is None else config.sample_seed
-        index.train(keys)
+    elif config.index in ("ivf", "ivf_pq"):
+        nlist = ivf_cells(config.nlist, n)
+        if config.nlist and nlist != config.nlist:
+            logger.info(f"[retrieval] {config.index}: {n} keys support {nlist} cells, not {config.nlist}")
+        if config.index == "ivf":
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, ip)
+        else:
+            m = config.pq_m or auto_pq_m(d)
+            if d % m:
+                raise UserError(f"retrieval: pq_m {m} must divide the key size {d}; e.g. pq_m: {auto_pq_m(d)}")
+            index = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(d), d, nlist, m, 4, ip)
+        seed = 1234 if config.sample_seed is None else config.sample_seed
+        index.cp.seed = seed
+        train = keys
+        if n > _IVF_TRAIN_PER_CELL * nlist:
+            rows = np.sort(np.random.default_rng(seed).choice(n, _IVF_TRAIN_PER_CELL * nlist, replace=False))
+            train = keys[rows]
+        index.train(train)
     else:
         index = faiss.IndexHNSWFlat(d, config.hnsw_m, ip)
         index.hnsw.efConstruction = config.ef_construction

@@ -75,9 +75,12 @@ from lotcrs_plugin.data.finetune_samples import (  # noqa: E402
 from lotcrs_plugin.data.pretrain_samples import tokenize_dialogs  # noqa: E402
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, POOLINGS, load_backbone  # noqa: E402
 from lotcrs_plugin.model.fusion import retrieval_contrastive_loss  # noqa: E402
+from lotcrs_plugin.model.knn import KnnVoter, knn_store  # noqa: E402
 from lotcrs_plugin.model.lotcrs import BLOCK, MODEL_NAME, LOTCRSModel  # noqa: E402
 from lotcrs_plugin.model.retrieval import MemoryStore  # noqa: E402
 from lotcrs_plugin.model.smoothing import SmoothingConfig, TeacherScores, label_smoothness_loss  # noqa: E402
+from lotcrs_plugin.system import distributed  # noqa: E402
+from lotcrs_plugin.system.optim import adamw_linear  # noqa: E402
 from lotcrs_plugin.system.selection import BestEpochSelector, SelectionConfig  # noqa: E402
 
 CHECKPOINT = "checkpoint.pt"
@@ -98,9 +101,12 @@ class FinetuneConfig:
     it is (raw model = ablation "no pre-training"; a pre-training export = a pre-trained checkpoint).
     retrieval: memory store + fusion (false: ablation "no retrieval"). store_refresh: fixed (built
     once with the pre-trained backbone) | epoch (recomputed with the fine-tuned one after each epoch).
-    epochs, batch_size, grad_accumulation (effective batch = batch_size x grad_accumulation), lr,
+    epochs, batch_size, grad_accumulation (effective batch = batch_size x grad_accumulation, also over
+    several processes: lotcrs_plugin.system.distributed), lr,
     weight_decay, warmup_ratio (linear warmup then linear decay), max_grad_norm (0: no clipping):
-    fine-tuning. eval_batch_size: validation, test, store and teacher passes. impatience: stop after
+    fine-tuning. eval_batch_size: validation, test, store and teacher passes. eval_chunk_elements: the
+    most item scores validation and test hold at once (samples x items per chunk; the catalog is
+    ranked chunk by chunk, lotcrs_plugin.evaluator.ranking). impatience: stop after
     this many epochs without a better validation score (0: never). max_length: tokens per input, cut
     from the left (the prompt stays). prompt: appended to every context, with [MASK] once.
     pooling: the context representation of store keys and queries ('' = lotcrs_pretrain.pooling,
@@ -121,6 +127,7 @@ class FinetuneConfig:
     batch_size: int = 8
     grad_accumulation: int = 4
     eval_batch_size: int = 32
+    eval_chunk_elements: int = 1 << 24
     lr: float = 2e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
@@ -171,7 +178,7 @@ class FinetuneConfig:
         need(self.store_refresh in STORE_REFRESH, "store_refresh", " or ".join(STORE_REFRESH))
         need(self.pooling in ("", *POOLINGS), "pooling", "one of " + ", ".join(POOLINGS) + " (or '')")
         for key in ("epochs", "batch_size", "grad_accumulation", "eval_batch_size", "pad_to_multiple_of",
-                    "log_every"):
+                    "log_every", "eval_chunk_elements"):
             need(getattr(self, key) >= 1, key, "at least 1")
         for key in ("impatience", "teacher_epochs", "teacher_max_samples", "max_train_batches", "num_workers",
                     "threads"):
@@ -210,6 +217,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+KNN_SHOWN = ("recall", "tail_recall", "tail_coverage")  # logged per kNN weight while it is chosen
 
 
 class LOTCRSSystem(BaseSystem):
@@ -254,6 +264,8 @@ class LOTCRSSystem(BaseSystem):
         self.pretrained_from: str | None = None
         self._sync_store_at_test = False
         self.timings: dict[str, float] = {}
+        self.dist = distributed.current()  # one process unless torchrun started several
+        self.ddp: nn.Module | None = None  # the model in DDP while fine-tuning (several processes)
         if not interact:
             self.scorer = BestEpochSelector(self, self.selection_cfg)  # never attached: scores only
 
@@ -291,10 +303,13 @@ class LOTCRSSystem(BaseSystem):
         return self._data[split]
 
     def batches(self, data: RecData, *, train: bool, batch_size: int | None = None, epoch: int = 0,
-                limit: int = 0) -> torch.utils.data.DataLoader:
+                limit: int = 0, micro: list[distributed.MicroBatch] | None = None) -> torch.utils.data.DataLoader:
+        """micro: only the batches at these positions (this process's share, distributed.plan)."""
         size = batch_size or (self.cfg.batch_size if train else self.cfg.eval_batch_size)
         order = IndexBatches(len(data), size, seed=self.seed, epoch=epoch, shuffle=train,
                              lengths=None if train else data.lengths(), limit=limit)
+        if micro is not None:
+            order = self.dist.shard(order, micro)
         return loader(data, order, num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
                       seed=self.seed + epoch)
 
@@ -379,6 +394,88 @@ class LOTCRSSystem(BaseSystem):
         rows = folder / "simulated_rows.npy"
         self.store_rows = np.load(rows) if rows.is_file() else None
 
+    # -- 2b. the kNN vote of the balanced store (evaluation only; lotcrs_plugin/model/knn.py)
+
+    def knn_source(self) -> str:
+        """Where the frozen kNN encoder comes from: the pre-trained export, else backbone_path."""
+        return self.pretrained_from or str(self.model.backbone_path)
+
+    def knn_encoder(self, source: str) -> Any:
+        from lotcrs_plugin.model.backbones import build_backbone
+
+        model = self.model.module if isinstance(self.model, nn.DataParallel) else self.model
+        bb = build_backbone(model.backbone_name, source, kg=model.kg, prompt=model.cfg.prompt)
+        return model._prepare(bb).to(self.device)
+
+    @torch.no_grad()
+    def build_knn(self) -> KnnVoter:
+        """Keys of the simulated contexts by a frozen encoder: the backbone as fine-tuning starts
+        from it (the pre-trained export, else backbone_path; also after a resume), loaded afresh.
+        Saved in the run folder (the encoder is rebuilt from its source, not copied)."""
+        started = time.perf_counter()
+        cfg = self.retrieval_cfg
+        encoder = self.knn_encoder(self.knn_source()).eval()
+        sim = self.data("simulated")
+        rows = per_item_rows(sim.index.targets, cfg.knn_per_item, cfg.sample_seed)
+        part = RecData(sim.table, sim.fmt, sim.first_item_id, sim.index.subset(rows), sim.pad_to_multiple_of)
+        keys = np.empty((len(part), self.model.backbone.hidden_size), np.float32)
+        for batch in self.batches(part, train=False):
+            batch = batch.to(self.device)
+            with self._autocast():
+                rep = encoder.context_representation(batch.tokens, cfg.knn_pooling)
+            keys[batch.sample_idx.cpu().numpy()] = F.normalize(rep.float(), dim=-1).cpu().numpy()
+        voter = KnnVoter(encoder, knn_store(keys, sim.index.targets[rows], cfg), len(self.model.items),
+                         k=cfg.knn_k, temperature=cfg.knn_temperature, pooling=cfg.knn_pooling,
+                         weight=0.0 if cfg.knn_weight == "auto" else float(cfg.knn_weight), source=self.knn_source())
+        self.model.knn = voter
+        voter.save(self.run_dir / "knn")
+        self.timings["knn_s"] = round(time.perf_counter() - started, 2)
+        logger.info(f"[lotcrs] kNN vote: {len(voter.store)} simulated contexts of {len(voter.store.unique_items)} "
+                    f"items, k {voter.k}, weight {cfg.knn_weight} ({self.timings['knn_s']}s)")
+        return voter
+
+    def load_knn(self, folder: Path) -> KnnVoter:
+        manifest = KnnVoter.read_manifest(folder)
+        model = self.model.module if isinstance(self.model, nn.DataParallel) else self.model
+        voter = KnnVoter(self.knn_encoder(manifest["source"]), MemoryStore.load(folder), len(model.items),
+                         k=manifest["k"], temperature=manifest["temperature"], pooling=manifest["pooling"],
+                         weight=manifest["weight"], source=manifest["source"])
+        model.knn = voter
+        return voter
+
+    @torch.no_grad()
+    def choose_knn_weight(self) -> None:
+        """knn_weight: auto -> the grid value with the best validation selection score (ties: the
+        smaller weight). Never looks at the test split."""
+        voter, cfg = self.model.knn, self.retrieval_cfg
+        if voter is None or cfg.knn_weight != "auto":
+            return
+        was = self.model.training
+        self.model.eval()
+        scores: dict[float, float | None] = {}
+        for weight in sorted(cfg.knn_grid):
+            voter.weight = weight
+            self.evaluator.reset_metrics()
+            for batch in self.batches(self.data("valid"), train=False):
+                self.step(batch, "rec", "valid")
+            if hasattr(self.evaluator, "longtail_report"):
+                self.evaluator.last_report = self.evaluator.longtail_report(-1, "valid")
+            scores[weight] = self.scorer.score()
+            report = getattr(self.evaluator, "last_report", None) or {}
+            shown = {k: v for k, v in report.get("metrics", {}).items() if k.split("@")[0] in KNN_SHOWN}
+            logger.info(f"[lotcrs] kNN weight {weight:g} on validation: score "
+                        f"{'n/a' if scores[weight] is None else f'{scores[weight]:.4f}'}; "
+                        + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if v is not None))
+        self.evaluator.reset_metrics()
+        self.model.train(was)
+        defined = {w: v for w, v in scores.items() if v is not None}
+        sign = 1 if self.selection_cfg.mode == "max" else -1
+        best = max(defined, key=lambda w: (sign * defined[w], -w)) if defined else 0.0
+        voter.weight = best
+        self.knn_selection = {"metric": self.selection_cfg.metric, "scores": scores, "weight": best}
+        logger.info(f"[lotcrs] kNN weight chosen on validation ({self.selection_cfg.metric}): {best} of "
+                    + ", ".join(f"{w:g}: {'n/a' if v is None else f'{v:.4f}'}" for w, v in scores.items()))
+
     # -- 3. the label-smoothness teacher
 
     def teacher_scores(self) -> TeacherScores:
@@ -446,29 +543,21 @@ class LOTCRSSystem(BaseSystem):
     def retrieval_loss_on(self) -> bool:
         return self.model.uses_retrieval and self.retrieval_cfg.loss_weight > 0
 
-    def steps_per_epoch(self) -> int:
+    def train_batches(self) -> int:
+        """Micro-batches per fine-tuning epoch (of all processes together)."""
         batches = math.ceil(len(self.data("train")) / self.cfg.batch_size)
         if self.cfg.max_train_batches:
             batches = min(batches, self.cfg.max_train_batches)
-        return math.ceil(batches / self.cfg.grad_accumulation)
+        return batches
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.train_batches() / self.cfg.grad_accumulation)
 
     def build_optim(self) -> None:
         cfg = self.cfg
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         total = max(1, self.steps_per_epoch() * cfg.epochs)
-        warmup = int(cfg.warmup_ratio * total)
-
-        def schedule(step: int) -> float:  # linear warmup, then linear decay to 0
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.optimizer, self.scheduler = adamw_linear(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                      warmup_ratio=cfg.warmup_ratio, total_steps=total)
         self.total_steps = total
 
     def optimizer_step(self) -> None:
@@ -479,23 +568,25 @@ class LOTCRSSystem(BaseSystem):
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
 
-    def step(self, batch, stage, mode):
-        """Train: the loss of one micro-batch, backpropagated (scaled for accumulation); returns
-        its parts. Valid/test: item scores to the evaluator (all samples, and the subset
-        ``unmentioned``) and the cross-entropy as ``rec_loss``."""
+    def step(self, batch, stage, mode, *, scale: float = 1.0):
+        """Train: the loss of one micro-batch, backpropagated (scaled for accumulation, and by
+        ``scale``: see lotcrs_plugin.system.distributed); returns its parts. Valid/test: item
+        scores to the evaluator (all samples, and the subset ``unmentioned``) and the
+        cross-entropy as ``rec_loss``."""
         batch = batch.to(self.device, non_blocking=True)
         if mode == "train":
-            return self._train_step(batch)
+            return self._train_step(batch, scale)
         if mode == "test" and self._sync_store_at_test:
             # the model may just have been replaced by the best epoch's (selection hook): its store
             self._sync_store_at_test = False
             self.refresh_store()
-        with torch.no_grad(), self._autocast():
-            logits = self.model(batch.tokens).logits.float()
         targets = batch.targets
-        ce = F.cross_entropy(logits, targets, reduction="sum")
+        with torch.no_grad(), self._autocast():
+            # item chunks of at most eval_chunk_elements scores: no (B, N) matrix for large catalogs
+            ranking = self.model.rank_items(batch.tokens, targets, TOP_K, self.cfg.eval_chunk_elements)
+        ce = ranking.cross_entropy("sum")
         self.evaluator.optim_metrics.add("rec_loss", AverageMetric(float(ce), len(batch)))
-        ranks = logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices.cpu()
+        ranks = ranking.top_ids.cpu()
         labels = targets.cpu()
         unmentioned = ~batch.mentioned.cpu()
         if hasattr(self.evaluator, "rec_evaluate_batch"):
@@ -505,9 +596,10 @@ class LOTCRSSystem(BaseSystem):
                 self.evaluator.rec_evaluate(r, y)
         return {"rec_loss": ce.detach() / len(batch)}
 
-    def _train_step(self, batch) -> dict[str, torch.Tensor]:
+    def _train_step(self, batch, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        model = self.ddp if self.ddp is not None else self.model
         with self._autocast():
-            out = self.model(batch.tokens, need_query=self.retrieval_loss_on)
+            out = model(batch.tokens, need_query=self.retrieval_loss_on)
         teacher = self.teacher.lookup(batch.sample_idx, self.device) if self.teacher is not None else None
         parts = label_smoothness_loss(out.logits.float(), batch.targets, teacher, self.smoothing_cfg.beta)
         total = parts.total
@@ -518,7 +610,7 @@ class LOTCRSSystem(BaseSystem):
                                             r.temperature)
             total = total + r.loss_weight * rl
             losses["retrieval"] = rl.detach()
-        (total / self.cfg.grad_accumulation).backward()
+        (total * scale / self.cfg.grad_accumulation).backward()
         losses["loss"] = total.detach()
         return losses
 
@@ -528,17 +620,23 @@ class LOTCRSSystem(BaseSystem):
         self.model.train()
         sums: dict[str, float] = {}
         n = 0
-        batches = self.batches(train, train=True, epoch=self.epoch, limit=cfg.max_train_batches)
-        n_batches = len(batches.batch_sampler)
-        for i, batch in enumerate(batches):
-            for k, v in self.step(batch, "rec", "train").items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-            if (i + 1) % cfg.grad_accumulation == 0 or i + 1 == n_batches:
+        dist = self.dist
+        micro = dist.plan(self.train_batches(), 0, cfg.grad_accumulation)  # this process's share (all in one)
+        batches = self.batches(train, train=True, epoch=self.epoch, limit=cfg.max_train_batches, micro=micro)
+        for mb, batch in zip(micro, batches):
+            with dist.sync(self.ddp, mb.last):
+                parts = self.step(batch, "rec", "train", scale=mb.scale)
+            if mb.scale:  # a stand-in (scale 0) is not a sample
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n += 1
+            if mb.last:
                 self.optimizer_step()
                 if self.global_step % cfg.log_every == 0:
+                    seen, count = dist.sum_over_processes(sums, n)
                     logger.info(f"[lotcrs] step {self.global_step}/{self.total_steps}: "
-                                + ", ".join(f"{k} {v / n:.4f}" for k, v in sorted(sums.items())))
+                                + ", ".join(f"{k} {v / max(1, count):.4f}" for k, v in sorted(seen.items())))
+        sums, n = dist.sum_over_processes(sums, n)
         return {k: v / max(1, n) for k, v in sums.items()}
 
     @torch.no_grad()
@@ -554,8 +652,13 @@ class LOTCRSSystem(BaseSystem):
         self.model.train(was)
 
     def validate(self, epoch: int) -> float | None:
-        self.evaluate("valid", epoch)
-        return self.scorer.score()
+        """The selection score on validation: process 0 scores it, every process receives it (the
+        same best epoch and early stop everywhere)."""
+        score = None
+        if self.dist.is_main:
+            self.evaluate("valid", epoch)
+            score = self.scorer.score()
+        return self.dist.broadcast(score)
 
     def observe(self, epoch: int, score: float | None, train_losses: Mapping[str, float]) -> None:
         """Keep the best validation epoch (ties keep the earlier one) and count bad epochs."""
@@ -565,8 +668,9 @@ class LOTCRSSystem(BaseSystem):
                                                                      else score < self.best_score))
         if better:
             self.best_epoch, self.best_score, self.bad_epochs = epoch, score, 0
-            self.best_state = _cpu_state(self.model)
-            _atomic_save({"epoch": epoch, "score": score, "model": self.best_state}, self.run_dir / BEST)
+            if self.dist.is_main:  # process 0 alone tests and writes files
+                self.best_state = _cpu_state(self.model)
+                _atomic_save({"epoch": epoch, "score": score, "model": self.best_state}, self.run_dir / BEST)
         else:
             self.bad_epochs += 1
         best = "n/a" if self.best_score is None else f"{self.best_score:.4f}"
@@ -580,7 +684,9 @@ class LOTCRSSystem(BaseSystem):
                     f"steps per epoch, {cfg.epochs} epochs, effective batch {cfg.batch_size * cfg.grad_accumulation}, "
                     f"retrieval {'on' if self.model.uses_retrieval else 'off'}"
                     f"{' + loss' if self.retrieval_loss_on else ''}, label smoothness "
-                    f"{'on (' + self.smoothing_cfg.teacher + ' teacher)' if self.teacher is not None else 'off'}")
+                    f"{'on (' + self.smoothing_cfg.teacher + ' teacher)' if self.teacher is not None else 'off'}"
+                    f"{f', {self.dist.world} processes' if self.dist.active else ''}")
+        self.ddp = self.dist.wrap(self.model)  # None in one process
         while self.epoch < cfg.epochs and not self.stopped:
             losses = self.train_epoch()
             epoch = self.epoch
@@ -592,6 +698,7 @@ class LOTCRSSystem(BaseSystem):
                 self.stopped = True
                 logger.info(f"[lotcrs] early stop: {self.bad_epochs} epochs without a better validation score")
             self.save_checkpoint()
+        self.ddp = None
         self.timings["finetune_s"] = round(time.perf_counter() - started, 2)
 
     # -- 5. test
@@ -610,6 +717,11 @@ class LOTCRSSystem(BaseSystem):
                             f"the last epoch was {self.epoch - 1}")
         self._sync_store_at_test = (self.model.uses_retrieval and self.cfg.store_refresh == "epoch"
                                     and not self.restored)
+        if self.model.knn is not None and not self.restored:
+            if self._sync_store_at_test:  # the validation passes below must see the tested model's store
+                self._sync_store_at_test = False
+                self.refresh_store()
+            self.choose_knn_weight()
         self.evaluate("test")
         self._sync_store_at_test = False
 
@@ -626,10 +738,14 @@ class LOTCRSSystem(BaseSystem):
 
     def _fit(self) -> None:
         started = time.perf_counter()
+        dist = self.dist
         if self.restored:
             logger.info(f"[lotcrs] restored system from {self.model_file}: testing it")
-            self.test()
+            if dist.is_main:
+                self.test()
+            dist.barrier()
             return
+        dist.check_accumulation(self.cfg.grad_accumulation, f"{BLOCK}.grad_accumulation")
         resumed = False
         if self.cfg.resume:
             self.build_optim()
@@ -638,18 +754,35 @@ class LOTCRSSystem(BaseSystem):
             if self.cfg.pretrain:
                 self.pretrain()
             if self.model.fusion is not None:
-                self.build_store()
-                self.save_store(self.run_dir / "store")
+                if dist.is_main:  # process 0 builds the store; the others load what it saved
+                    self.build_store()
+                    self.save_store(self.run_dir / "store")
+                dist.barrier()
+                if not dist.is_main:
+                    self.load_store(self.run_dir / "store")
+            if self.retrieval_cfg.knn_on and dist.is_main:  # only process 0 tests: the vote is its own
+                self.build_knn()
+        elif self.retrieval_cfg.knn_on and dist.is_main:
+            if (self.run_dir / "knn" / "knn.json").is_file():
+                self.load_knn(self.run_dir / "knn")
+            else:  # a run trained without the vote: it is added now, from the same source
+                self.build_knn()
         if self.smoothing_cfg.enabled:
-            self.teacher = self.teacher_scores()
+            if dist.is_main:  # process 0 trains the teacher and caches its scores; the others load them
+                self.teacher = self.teacher_scores()
+            dist.barrier()
+            if not dist.is_main:
+                self.teacher = TeacherScores.load(self.run_dir / "teacher", expect_kind=self.smoothing_cfg.teacher)
         if not resumed:
             self.build_optim()
-        else:
+        elif dist.is_main:
             self._report_best_again()
         self.finetune()
-        self.test()
-        self.timings["total_s"] = round(time.perf_counter() - started, 2)
-        self.write_summary()
+        if dist.is_main:  # process 0 tests and writes the summary
+            self.test()
+            self.timings["total_s"] = round(time.perf_counter() - started, 2)
+            self.write_summary()
+        dist.barrier()
 
     # -- checkpoints
 
@@ -668,8 +801,10 @@ class LOTCRSSystem(BaseSystem):
         }
 
     def save_checkpoint(self) -> Path:
+        """checkpoint.pt; written by process 0 only (the others hold the same state)."""
         path = self.run_dir / CHECKPOINT
-        _atomic_save(self.checkpoint_state(), path)
+        if self.dist.is_main:
+            _atomic_save(self.checkpoint_state(), path)
         return path
 
     def load_checkpoint(self) -> bool:
@@ -736,6 +871,8 @@ class LOTCRSSystem(BaseSystem):
         _atomic_save(state, Path(self.model_file))
         if self.model.store is not None:
             self.model.store.save(self.store_file)
+        if self.model.knn is not None:
+            self.model.knn.save(Path(self.model_file).with_suffix(".knn"))
         logger.info(f"[lotcrs] system saved to {self.model_file}")
 
     def restore_model(self) -> None:
@@ -759,6 +896,12 @@ class LOTCRSSystem(BaseSystem):
             if not (store / "manifest.json").is_file():
                 raise UserError(f"restore-system: the memory store {store} is missing; save the system again")
             model.store = MemoryStore.load(store)
+        if model.retrieval_cfg.knn_on:
+            knn = Path(self.model_file).with_suffix(".knn")
+            if not (knn / "knn.json").is_file():
+                raise UserError(f"restore-system: the kNN store {knn} is missing; save the system again "
+                                f"(or set retrieval.knn_weight: 0)")
+            self.load_knn(knn)
         logger.info(f"[lotcrs] restored {path}")
 
     def write_summary(self) -> Path:
@@ -771,6 +914,8 @@ class LOTCRSSystem(BaseSystem):
             "selection": {"metric": self.selection_cfg.metric, "mode": self.selection_cfg.mode,
                           "enabled": self.selection_cfg.enabled, "best_epoch": self.best_epoch,
                           "best_score": self.best_score, "epochs_run": self.epoch, "early_stopped": self.stopped},
+            "knn": getattr(self, "knn_selection", None) or (
+                {"weight": self.model.knn.weight} if self.model.knn is not None else None),
             "history": self.history, "timings": self.timings, "config": asdict(self.cfg),
             "test": report,
         }

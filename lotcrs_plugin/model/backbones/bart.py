@@ -97,10 +97,13 @@ class BartBackbone(Backbone):
         return F.linear(hidden, head.weight, _combine(getattr(head, "bias", None), self._final_bias()))
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(*self.item_head(hidden))
+
+    def item_head(self, hidden: torch.Tensor):
         lo, hi = self.first_item_id, self.first_item_id + self.n_items
         head = self.model.get_output_embeddings()
         bias = _combine(getattr(head, "bias", None), self._final_bias())
-        return F.linear(hidden, head.weight[lo:hi], None if bias is None else bias[lo:hi])
+        return hidden, head.weight[lo:hi], None if bias is None else bias[lo:hi]
 
     def _pooling_states(self, batch: TokenBatch, pooling: str):
         out = self._encoder(batch, hidden_states=pooling == "first_last")

@@ -338,6 +338,12 @@ class Backbone(nn.Module):
         """(..., N) scores of the items: the item-token rows of the prediction head."""
         raise NotImplementedError
 
+    def item_head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(features (..., H'), weight (N, H'), bias (N,) or None) such that ``item_logits(hidden)``
+        is ``F.linear(features, weight, bias)``: lets evaluation score a large catalog in chunks
+        (lotcrs_plugin.evaluator.ranking). None when the head has another form."""
+        return None
+
     def _pooling_states(self, batch: TokenBatch, pooling: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(first-layer states, last-layer states, attention mask) that pooling reads; the
         first-layer states may be None unless pooling is 'first_last'."""

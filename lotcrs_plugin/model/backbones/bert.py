@@ -84,12 +84,18 @@ class BertBackbone(Backbone):
         return F.linear(features(hidden), decoder.weight, _bias(decoder, self.model))
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.item_head(hidden)
+        if head is None:  # an unknown head layout: slice the full scores
+            return self.lm_logits(hidden)[..., self.first_item_id:self.first_item_id + self.n_items]
+        return F.linear(*head)
+
+    def item_head(self, hidden: torch.Tensor):
         lo, hi = self.first_item_id, self.first_item_id + self.n_items
         features, decoder = _head_parts(self.model)
-        if features is None:  # an unknown head layout: slice the full scores
-            return self.lm_logits(hidden)[..., lo:hi]
+        if features is None:
+            return None
         bias = _bias(decoder, self.model)
-        return F.linear(features(hidden), decoder.weight[lo:hi], None if bias is None else bias[lo:hi])
+        return features(hidden), decoder.weight[lo:hi], None if bias is None else bias[lo:hi]
 
     def _head_module(self) -> nn.Module:
         prefix = self.model.base_model_prefix

@@ -276,11 +276,14 @@ class UniCRSBackbone(Backbone):
         return torch.cat([logits[..., :lo], logits[..., lo:hi] + kg, logits[..., hi:]], -1)
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(*self.item_head(hidden))
+
+    def item_head(self, hidden: torch.Tensor):
         lo, hi = self.first_item_id, self.first_item_id + self.n_items
         head = self.decoder.get_output_embeddings()
         weight = head.weight[lo:hi] + self._item_vectors().to(head.weight.dtype)
         bias = getattr(head, "bias", None)
-        return F.linear(hidden, weight, None if bias is None else bias[lo:hi])
+        return hidden, weight, None if bias is None else bias[lo:hi]
 
     def _pooling_states(self, batch: TokenBatch, pooling: str):
         out = self._decode(batch, hidden_states=pooling == "first_last")
