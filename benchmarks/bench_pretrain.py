@@ -10,9 +10,11 @@ keyword spans, ``--items`` item tokens in the vocabulary.
     # GPU: a BERT-base-sized model from BertConfig() defaults, bf16 autocast, MFU vs --peak
     python benchmarks/bench_pretrain.py --device cuda --arch bert-base --steps 30 --warmup 5
 
-MFU = 6 * parameters * tokens/s / peak FLOP/s (the 6N rule for a forward+backward pass; all
-parameters, embeddings included; attention FLOPs left out). The default peak is the H100 SXM's
-dense bf16 989e12; on CPU no MFU is printed unless --peak is given.
+MFU = model FLOPs / step time / peak FLOP/s, the model FLOPs of benchmarks/_common.py
+(encoder_train_flops: 6 N per token for the dense encoder weights, 12 L H T per token for
+attention, 6 H V per position the MLM head scores; the same function benchmarks/speed.py uses).
+The default peak is the GPU's dense bf16 peak by its name (989e12 for an H100 SXM); on CPU no
+MFU is printed unless --peak is given.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import cpu_name, encoder_dims, encoder_train_flops, mfu, peak_bf16_flops  # noqa: E402
+# (benchmarks/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -111,8 +114,17 @@ def measure(model, mode: str, b: int, t: int, device, steps: int, warmup: int, b
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - started) / steps
     sequences = (b if mode in ("dmp", "both") else 0) + (2 * b if mode in ("cca", "both") else 0)
+    dims = encoder_dims(model.backbone.model)
+    flops = 0.0
+    if mode in ("dmp", "both"):  # the MLM head (H x H transform + H x V decoder) at the expected masked positions
+        scored = int(model.cfg.mlm_probability * float(dmp.keyword_mask.sum()))
+        flops += encoder_train_flops(dims, b, t, head_rows=model.backbone.vocab_size + dims["hidden"],
+                                     head_positions=scored)
+    if mode in ("cca", "both"):
+        projection = dims["hidden"] ** 2 if model.projection is not None else 0
+        flops += encoder_train_flops(dims, 2 * b, t, extra_dense_per_sequence=projection)
     return {"mode": mode, "step_s": seconds, "samples_s": b / seconds, "sequences_s": sequences / seconds,
-            "tokens_s": sequences * t / seconds}
+            "tokens_s": sequences * t / seconds, "flops": flops}
 
 
 def pipeline(model, max_length: int, batch: int) -> dict:
@@ -172,7 +184,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--modes", default="dmp,cca,both")
     parser.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
-    parser.add_argument("--peak", type=float, default=None, help="peak FLOP/s for MFU (default 989e12 on CUDA)")
+    parser.add_argument("--peak", type=float, default=None,
+                        help="peak FLOP/s for MFU (default: the GPU's dense bf16 peak by name)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-pipeline", action="store_true")
     parser.add_argument("--out", type=Path)
@@ -185,7 +198,9 @@ def main() -> None:
     device = torch.device(args.device)
     arch = args.arch or ("bert-base" if device.type == "cuda" else "minilm")
     bf16 = device.type == "cuda" and not args.no_bf16
-    peak = args.peak if args.peak is not None else (989e12 if device.type == "cuda" else None)
+    peak = args.peak
+    if peak is None and device.type == "cuda":
+        peak = peak_bf16_flops(torch.cuda.get_device_name(device))
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         if arch == "bert-base":
@@ -221,9 +236,9 @@ def main() -> None:
         "| --- | --- | --- | --- | --- |" + (" --- |" if peak else ""),
     ]
     for r in rows:
-        mfu = f" {100 * 6 * n_params * r['tokens_s'] / peak:.1f}% |" if peak else ""
+        util = f" {100 * mfu(r['flops'], r['step_s'], peak):.1f}% |" if peak else ""
         lines.append(f"| {r['mode']} | {r['step_s']:.3f} | {r['samples_s']:.1f} | {r['sequences_s']:.1f} | "
-                     f"{r['tokens_s']:.0f} |{mfu}")
+                     f"{r['tokens_s']:.0f} |{util}")
     if pipe:
         lines += ["", f"Sample pipeline (CPU, one process): {pipe['dialogs']} simulated dialogs of the synthetic "
                       f"dataset ({pipe['turns']} turns, {pipe['tokens']} tokens) tokenized and marked in "

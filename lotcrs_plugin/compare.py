@@ -82,6 +82,11 @@ def row_from_result(result: dict[str, Any], config: str, device: str = "") -> Ro
     tail = longtail.get("tail") or {}
     values.update(tail_definition=tail.get("definition"), catalog_size=tail.get("catalog_size"),
                   tail_size=tail.get("tail_size"))
+    for subset, part in (longtail.get("subsets") or {}).items():  # e.g. 'unmentioned' (LOT-CRS samples)
+        sub = part.get("metrics") or {}
+        for key, _ in METRIC_COLUMNS:
+            values[f"{subset}:{key}"] = sub.get(key)
+        values[f"{subset}:n_test"], values[f"{subset}:n_tail_test"] = part.get("n_samples"), part.get("n_tail_samples")
     notes = list(selection.get("notes") or [])
     if not metrics:
         notes.append("no recommendation test metrics in the results")
@@ -210,23 +215,30 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
+def subsets_of(rows: Sequence[Row]) -> list[str]:
+    """The sample subsets some row reports (e.g. 'unmentioned'), in first-seen order."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row.values:
+            if key.endswith(":n_test"):
+                seen.setdefault(key.split(":", 1)[0])
+    return list(seen)
+
+
 def write_csv(rows: Sequence[Row], path: Path) -> None:
+    columns = CSV_COLUMNS + [f"{s}:{k}" for s in subsets_of(rows)
+                             for k in [k for k, _ in METRIC_COLUMNS] + ["n_test", "n_tail_test"]]
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
         for row in rows:
             writer.writerow([row.config if c == "config" else row.status if c == "status"
-                             else "" if row.get(c) is None else row.get(c) for c in CSV_COLUMNS])
+                             else "" if row.get(c) is None else row.get(c) for c in columns])
 
 
 def _epoch_cell(row: Row) -> str:
     sel, last = row.get("selected_epoch"), row.get("last_epoch")
     return "-" if sel is None else f"{sel}/{last}"
-
-
-def _samples_cell(row: Row) -> str:
-    n = row.get("n_test")
-    return "-" if n is None else f"{n} ({row.get('n_tail_test')})"
 
 
 def _tail_cell(row: Row) -> str:
@@ -235,17 +247,29 @@ def _tail_cell(row: Row) -> str:
     return f"{row.get('tail_definition')} ({row.get('tail_size')}/{row.get('catalog_size')})"
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
+def row_labels(rows: Sequence[Row]) -> list[str]:
+    """The model name, with the config's (or results file's) name where several rows share it."""
+    models = [row.get("model") or Path(row.config).stem for row in rows]
+    return [f"{m} ({Path(row.config).stem})" if models.count(m) > 1 else m for m, row in zip(models, rows)]
+
+
+def markdown_table(rows: Sequence[Row], subset: str | None = None) -> str:
+    """The table of all test samples, or (``subset``) of that subset's samples; rows without the
+    subset show '-' (CRSLab's own dataloaders do not flag it)."""
     headers = (["Model", "Dataset"] + [h for _, h in METRIC_COLUMNS]
                + ["Test n (tail)", "Epoch", "Seconds", "Tail (tail/catalog)", "Notes"])
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in rows:
-        model = row.get("model") or row.config
+    prefix = f"{subset}:" if subset else ""
+    for label, row in zip(row_labels(rows), rows):
         note = row.get("error") or ""
         if row.status != "ok":
             note = f"**failed**: {note}"
-        cells = ([model, row.get("dataset") or "-"] + [_fmt(k, row.get(k)) for k, _ in METRIC_COLUMNS]
-                 + [_samples_cell(row), _epoch_cell(row), _fmt("seconds", row.get("seconds")), _tail_cell(row),
+        if subset and row.get(f"{subset}:n_test") is None and row.status == "ok":
+            note = f"no '{subset}' subset in this run's report" + (f"; {note}" if note else "")
+        n = row.get(prefix + "n_test")
+        samples = "-" if n is None else f"{n} ({row.get(prefix + 'n_tail_test')})"
+        cells = ([label, row.get("dataset") or "-"] + [_fmt(k, row.get(prefix + k)) for k, _ in METRIC_COLUMNS]
+                 + [samples, _epoch_cell(row), _fmt("seconds", row.get("seconds")), _tail_cell(row),
                     note.replace("|", "\\|")])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -265,11 +289,20 @@ LEGEND = (
 )
 
 
+SUBSET_NOTES = {
+    "unmentioned": "Test samples whose target item was not named earlier in the dialog (by either "
+                   "role): a ranker cannot answer them by repeating the context.",
+}
+
+
 def write_markdown(rows: Sequence[Row], path: Path, *, title: str, command: str = "",
                    notes: Sequence[str] = (), images: Sequence[Path] = ()) -> None:
     devices = sorted({r.get("device") for r in rows if r.get("device")})
     selections = sorted({r.get("selection_metric") for r in rows if r.get("selection_metric")})
-    out = [f"# {title}", "", markdown_table(rows), "", LEGEND, ""]
+    out = [f"# {title}", "", markdown_table(rows), ""]
+    for subset in subsets_of(rows):
+        out += [f"## Subset '{subset}'", "", SUBSET_NOTES.get(subset, ""), "", markdown_table(rows, subset), ""]
+    out += [LEGEND, ""]
     if selections:
         out.append(f"Epoch selection metric (validation): {', '.join(selections)}.")
     tails = {}

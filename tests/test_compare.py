@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -139,3 +140,37 @@ def test_evaluator_report_carries_the_histogram():
     assert hist["targets"] == [1, 0, 0, 1, 0, 1]
     # top-2 entries: items 3, 1 | 3, 2 | 1, 2 -> bucket 3-4 (items 1, 2) x4, bucket 9-16 (item 3) x2
     assert hist["recommended"] == {"1": [0, 0, 0, 1, 0, 2], "2": [0, 0, 0, 4, 0, 2]}
+
+
+def test_subset_table_and_csv_columns(tmp_path):
+    """A run that reports the 'unmentioned' subset gets a second table with the subset's numbers;
+    a run without it shows '-' there with a note; the CSV carries the subset columns."""
+    import csv
+
+    from lotcrs_plugin.compare import read_results, write_csv, write_markdown
+
+    def result(model: str, r10: float, sub_r10: float | None) -> dict:
+        longtail = {"n_samples": 10, "n_tail_samples": 4, "metrics": {"recall@10": r10},
+                    "tail": {"definition": "train_mentions <= 1", "catalog_size": 50, "tail_size": 20}}
+        if sub_r10 is not None:
+            longtail["subsets"] = {"unmentioned": {"n_samples": 7, "n_tail_samples": 3,
+                                                   "metrics": {"recall@10": sub_r10}}}
+        return {"model_name": model, "dataset": "d", "test": {"longtail": longtail}, "selection": {}}
+
+    paths = []
+    for name, r in (("a", result("LOTCRS", 0.5, 0.25)), ("b", result("LOTCRS", 0.4, 0.125)),
+                    ("c", result("KBRD", 0.3, None))):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(r))
+    rows = [read_results(p) for p in paths]
+    md = tmp_path / "t.md"
+    write_markdown(rows, md, title="t")
+    text = md.read_text()
+    main, _, sub = text.partition("## Subset 'unmentioned'")
+    assert sub, text
+    assert "| LOTCRS (a) | d | - | 0.5000 |" in main and "| LOTCRS (b) | d | - | 0.4000 |" in main
+    assert "| LOTCRS (a) | d | - | 0.2500 |" in sub and "7 (3)" in sub
+    assert "| KBRD | d | - | - |" in sub and "no 'unmentioned' subset" in sub
+    write_csv(rows, tmp_path / "t.csv")
+    table = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert table[1]["unmentioned:recall@10"] == "0.125" and table[2]["unmentioned:recall@10"] == ""

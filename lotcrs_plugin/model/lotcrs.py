@@ -44,6 +44,7 @@ from lotcrs_plugin.evaluator.ranking import Ranking, rank_dense, rank_linear
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, build_backbone
 from lotcrs_plugin.model.fusion import RetrievalFusion
 from lotcrs_plugin.model.knn import KnnVoter, rank_linear_with_bonus
+from lotcrs_plugin.model.sample_rankers import SampleRanker, train_popularity
 from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig, RetrievalResult
 
 MODEL_NAME = "LOTCRS"
@@ -184,6 +185,11 @@ class LOTCRSModel(nn.Module):
         self._pooling = cfg.pooling or (pretrain_block.get("pooling") if isinstance(pretrain_block, dict) else "") or ""
         self.store: MemoryStore | None = None  # attached by the system; not part of the state dict
         self.knn: KnnVoter | None = None  # the balanced store's vote at evaluation (model/knn.py); idem
+        self.ranker: SampleRanker | None = None  # lotcrs.ranker: a training-free baseline instead of the model
+        if cfg.ranker != "model":
+            self.ranker = SampleRanker(cfg.ranker, train_popularity(self.items.entity_ids,
+                                                                    (side_data or {}).get("item_stats")),
+                                       self.backbone.first_item_id)
 
     # -- backbone
 
@@ -265,6 +271,8 @@ class LOTCRSModel(nn.Module):
         scored in item chunks of at most ``max_elements`` scores
         (lotcrs_plugin.evaluator.ranking): the same fused state as :meth:`forward`, without its
         (B, N) logits."""
+        if self.ranker is not None:
+            return self.ranker.rank(batch, targets, k, max_elements)
         hidden = self.backbone.encode(batch)
         fused = states = self.at_mask(hidden, batch)
         if self.uses_retrieval:

@@ -70,6 +70,8 @@ class RetrievalConfig:
       knn_weight:      w in score_i = logit_i + w * log(1 + N * p_knn_i); 0 = off (the paper),
                        "auto" = the value of knn_grid with the best validation selection score.
       knn_grid:        the weights "auto" tries.
+      knn_metric:      the validation score "auto" maximises ('' = selection.metric; e.g.
+                       recall@10+tail_recall@50 to trade head accuracy for the tail explicitly).
       knn_k:           simulated contexts that vote; knn_temperature: softmax temperature of
                        their cosine similarities; knn_pooling: the frozen encoder's pooling.
       knn_per_item:    simulated contexts kept per item (null: all).
@@ -96,6 +98,7 @@ class RetrievalConfig:
     temperature: float = 0.05
     knn_weight: float | str = 0.0
     knn_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
+    knn_metric: str = ""
     knn_k: int = 100
     knn_temperature: float = 0.05
     knn_pooling: str = "mean"
@@ -150,6 +153,8 @@ class RetrievalConfig:
                     or not all(_is_number(v) and 0 <= v < math.inf for v in grid)):
                 raise UserError(f"key 'knn_grid' must be a non-empty list of numbers >= 0, not {grid!r}")
             d["knn_grid"] = tuple(float(v) for v in grid)
+        if "knn_metric" in d and not isinstance(d["knn_metric"], str):
+            raise UserError(f"key 'knn_metric' must be a metric name like recall@10+tail_recall@50, not {d['knn_metric']!r}")
         if "knn_k" in d and not (_is_int(d["knn_k"]) and d["knn_k"] > 0):
             raise UserError(f"key 'knn_k' must be an integer > 0, not {d['knn_k']!r}")
         if d.get("knn_per_item") is not None and not (_is_int(d["knn_per_item"]) and d["knn_per_item"] > 0):

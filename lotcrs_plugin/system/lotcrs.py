@@ -76,6 +76,7 @@ from lotcrs_plugin.data.pretrain_samples import tokenize_dialogs  # noqa: E402
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, POOLINGS, load_backbone  # noqa: E402
 from lotcrs_plugin.model.fusion import retrieval_contrastive_loss  # noqa: E402
 from lotcrs_plugin.model.knn import KnnVoter, knn_store  # noqa: E402
+from lotcrs_plugin.model.sample_rankers import RANKERS  # noqa: E402
 from lotcrs_plugin.model.lotcrs import BLOCK, MODEL_NAME, LOTCRSModel  # noqa: E402
 from lotcrs_plugin.model.retrieval import MemoryStore  # noqa: E402
 from lotcrs_plugin.model.smoothing import SmoothingConfig, TeacherScores, label_smoothness_loss  # noqa: E402
@@ -117,7 +118,9 @@ class FinetuneConfig:
     resume: continue from the run's checkpoint. run_name: folder under <root>/save. log_every:
     optimizer steps between log lines. seed: -1 uses the top-level seed. threads: torch's intra-op
     CPU threads while fit() runs (0: leave torch's setting; 1 suits tiny models and busy machines,
-    where OpenMP threads stall each other).
+    where OpenMP threads stall each other). ranker: model (LOT-CRS) | popularity |
+    repeat_popularity: training-free baselines on the same samples and evaluator (nothing is
+    trained; lotcrs_plugin.model.sample_rankers).
     """
 
     pretrain: bool = True
@@ -148,6 +151,7 @@ class FinetuneConfig:
     log_every: int = 50
     seed: int = -1
     threads: int = 0
+    ranker: str = "model"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "FinetuneConfig":
@@ -176,6 +180,7 @@ class FinetuneConfig:
                 raise UserError(f"key '{key}' must be {what}, not {getattr(self, key)!r}")
 
         need(self.store_refresh in STORE_REFRESH, "store_refresh", " or ".join(STORE_REFRESH))
+        need(self.ranker in RANKERS, "ranker", "one of " + ", ".join(RANKERS))
         need(self.pooling in ("", *POOLINGS), "pooling", "one of " + ", ".join(POOLINGS) + " (or '')")
         for key in ("epochs", "batch_size", "grad_accumulation", "eval_batch_size", "pad_to_multiple_of",
                     "log_every", "eval_chunk_elements"):
@@ -450,6 +455,14 @@ class LOTCRSSystem(BaseSystem):
         voter, cfg = self.model.knn, self.retrieval_cfg
         if voter is None or cfg.knn_weight != "auto":
             return
+        if cfg.knn_metric:
+            try:
+                selection = SelectionConfig.from_dict({"metric": cfg.knn_metric, "mode": "max"})
+            except UserError as err:
+                raise UserError(f"retrieval.knn_metric: {err}") from None
+        else:
+            selection = self.selection_cfg
+        scorer = BestEpochSelector(self, selection)
         was = self.model.training
         self.model.eval()
         scores: dict[float, float | None] = {}
@@ -460,7 +473,7 @@ class LOTCRSSystem(BaseSystem):
                 self.step(batch, "rec", "valid")
             if hasattr(self.evaluator, "longtail_report"):
                 self.evaluator.last_report = self.evaluator.longtail_report(-1, "valid")
-            scores[weight] = self.scorer.score()
+            scores[weight] = scorer.score()
             report = getattr(self.evaluator, "last_report", None) or {}
             shown = {k: v for k, v in report.get("metrics", {}).items() if k.split("@")[0] in KNN_SHOWN}
             logger.info(f"[lotcrs] kNN weight {weight:g} on validation: score "
@@ -469,11 +482,11 @@ class LOTCRSSystem(BaseSystem):
         self.evaluator.reset_metrics()
         self.model.train(was)
         defined = {w: v for w, v in scores.items() if v is not None}
-        sign = 1 if self.selection_cfg.mode == "max" else -1
+        sign = 1 if selection.mode == "max" else -1
         best = max(defined, key=lambda w: (sign * defined[w], -w)) if defined else 0.0
         voter.weight = best
-        self.knn_selection = {"metric": self.selection_cfg.metric, "scores": scores, "weight": best}
-        logger.info(f"[lotcrs] kNN weight chosen on validation ({self.selection_cfg.metric}): {best} of "
+        self.knn_selection = {"metric": selection.metric, "scores": scores, "weight": best}
+        logger.info(f"[lotcrs] kNN weight chosen on validation ({selection.metric}): {best} of "
                     + ", ".join(f"{w:g}: {'n/a' if v is None else f'{v:.4f}'}" for w, v in scores.items()))
 
     # -- 3. the label-smoothness teacher
@@ -743,6 +756,14 @@ class LOTCRSSystem(BaseSystem):
             logger.info(f"[lotcrs] restored system from {self.model_file}: testing it")
             if dist.is_main:
                 self.test()
+            dist.barrier()
+            return
+        if self.model.ranker is not None:  # a training-free baseline: nothing to train or select
+            logger.info(f"[lotcrs] ranker {self.cfg.ranker}: no training; testing it")
+            if dist.is_main:
+                self.evaluate("test")
+                self.timings["total_s"] = round(time.perf_counter() - started, 2)
+                self.write_summary()
             dist.barrier()
             return
         dist.check_accumulation(self.cfg.grad_accumulation, f"{BLOCK}.grad_accumulation")
