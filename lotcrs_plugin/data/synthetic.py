@@ -16,7 +16,7 @@ Config block (all keys optional)::
 
     synthetic:
       n_items: 200
-      n_conversations: 600
+      n_conversations: 0        # 0: 3 per item, at least 600 (600 for 200 items)
       turns: 8
       zipf_exponent: 1.0
       n_genres: 12
@@ -55,7 +55,7 @@ class SyntheticConfig:
     """Size and seed of the synthetic dataset (the config block ``synthetic:``)."""
 
     n_items: int = 200           # catalog size (CRSLab needs at least 50)
-    n_conversations: int = 600   # dialogs over all splits
+    n_conversations: int = 0     # dialogs over all splits; 0: 3 per item, at least 600
     turns: int = 8               # utterances per dialog, Seeker first, alternating
     zipf_exponent: float = 1.0   # item popularity ~ 1 / rank**s; 0 is uniform
     n_genres: int = 12
@@ -63,6 +63,12 @@ class SyntheticConfig:
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # the conversations grow with the catalog unless set: a 100k-item catalog with 600 dialogs
+        # would leave nearly every item unmentioned (resolved here, so the cache key names the count)
+        if self.n_conversations == 0 and not isinstance(self.n_items, bool) and isinstance(self.n_items, int):
+            object.__setattr__(self, "n_conversations", max(600, 3 * self.n_items))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "SyntheticConfig":

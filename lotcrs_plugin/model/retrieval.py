@@ -31,9 +31,9 @@ FORMAT = "lotcrs-memory-store"
 FORMAT_VERSION = 1
 # faiss warns below 39 training points per IVF cell; fewer cells than that are clamped away
 _IVF_POINTS_PER_CELL = 39
-# k-means of the ivf cells trains on a seeded sample of this many keys per cell (faiss takes 256,
-# which makes building over millions of keys take many minutes for no better cells)
-_IVF_TRAIN_PER_CELL = 64
+# k-means of the ivf_pq cells trains on a seeded sample of this many keys per cell (ivf keeps
+# faiss's 256, which makes building over millions of keys take many minutes)
+_PQ_TRAIN_PER_CELL = 64
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,9 @@ class RetrievalConfig:
       max_per_item:    keep at most this many entries per item (the authors keep 10); null keeps all.
       sample_seed:     null keeps each item's first entries in input order; an integer draws
                        them at random with this seed.
-      nlist, nprobe:   ivf / ivf_pq cells (0: about 4 sqrt(N); clamped to N // 39 so every
-                       cell has training points) and cells searched per query.
+      nlist, nprobe:   ivf / ivf_pq cells (0: about 4 sqrt(N) for ivf, 0.75 sqrt(N) for ivf_pq,
+                       whose cells are cheap to scan; clamped to N // 39 so every cell has
+                       training points) and cells searched per query.
       pq_m, refine_factor: ivf_pq sub-vectors per key (0: the largest divisor of the key size
                        up to a eighth of it, 48 for 384) and candidates re-scored per result.
       hnsw_m, ef_construction, ef_search: hnsw links per node, build beam and search beam
@@ -314,15 +315,12 @@ class MemoryStore:
         candidates by their compressed codes and keeps the best by their exact score."""
         if self.config.index != "ivf_pq":
             return self.index.search(q, depth)
-        import faiss
-
         wide = min(len(self), depth * self.config.refine_factor)
         _, pos = self.index.search(q, wide)
-        pos = np.ascontiguousarray(pos, dtype=np.int64)
-        exact = np.empty(pos.shape, dtype=np.float32)
-        # C++ (OpenMP) inner products of each query with its candidates' keys; -1 gives -inf
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(exact), faiss.swig_ptr(q), faiss.swig_ptr(self.keys),
-                                         faiss.swig_ptr(pos), q.shape[1], q.shape[0], wide)
+        # numpy, one thread: faiss's fvec_inner_products_by_idx is 10-40x slower with two OpenMP
+        # threads on a busy machine
+        exact = np.einsum("bkh,bh->bk", self.keys[np.maximum(pos, 0)], q)
+        exact[pos < 0] = -np.inf
         order = np.argsort(-exact, axis=1, kind="stable")[:, :depth]
         return np.take_along_axis(exact, order, 1), np.take_along_axis(pos, order, 1)
 
@@ -517,10 +515,13 @@ def _normalize(x: np.ndarray) -> None:
     np.divide(x, norms, out=x, where=norms > 0)
 
 
-def ivf_cells(nlist: int, n: int) -> int:
-    """The ivf cells for n keys: ``nlist`` (0: about 4 sqrt(n)), at most n // 39 (faiss wants 39
-    training points per cell), at least 1."""
-    want = nlist or int(round(4 * math.sqrt(n)))
+def ivf_cells(nlist: int, n: int, kind: str = "ivf") -> int:
+    """The cells for n keys: ``nlist``, else about 4 sqrt(n) (ivf) or 0.75 sqrt(n) (ivf_pq: scanning
+    a cell's 4-bit codes is so cheap that comparing each query with every cell centroid dominates,
+    so fewer, larger cells are faster at the same recall: at 2M keys 1024 cells beat 2121 and
+    5657, benchmarks/results/retrieval_n2000000.md); at most n // 39 (faiss wants 39 training
+    points per cell), at least 1."""
+    want = nlist or int(round((0.75 if kind == "ivf_pq" else 4.0) * math.sqrt(n)))
     return max(1, min(want, n // _IVF_POINTS_PER_CELL))
 
 
@@ -537,7 +538,7 @@ def _make_index(config: RetrievalConfig, keys: np.ndarray) -> Any:
     if config.index == "flat":
         index = faiss.IndexFlatIP(d)
     elif config.index in ("ivf", "ivf_pq"):
-        nlist = ivf_cells(config.nlist, n)
+        nlist = ivf_cells(config.nlist, n, config.index)
         if config.nlist and nlist != config.nlist:
             logger.info(f"[retrieval] {config.index}: {n} keys support {nlist} cells, not {config.nlist}")
         if config.index == "ivf":
@@ -550,8 +551,8 @@ def _make_index(config: RetrievalConfig, keys: np.ndarray) -> Any:
         seed = 1234 if config.sample_seed is None else config.sample_seed
         index.cp.seed = seed
         train = keys
-        if n > _IVF_TRAIN_PER_CELL * nlist:
-            rows = np.sort(np.random.default_rng(seed).choice(n, _IVF_TRAIN_PER_CELL * nlist, replace=False))
+        if config.index == "ivf_pq" and n > _PQ_TRAIN_PER_CELL * nlist:
+            rows = np.sort(np.random.default_rng(seed).choice(n, _PQ_TRAIN_PER_CELL * nlist, replace=False))
             train = keys[rows]
         index.train(train)
     else:

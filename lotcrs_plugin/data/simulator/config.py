@@ -31,6 +31,7 @@ class SimulationConfig:
     templates: str | None = None       # extra templates: YAML/JSON file {act: [text, ...]}
     builtin_templates: bool = True     # use the built-in template set
     max_template_tokens: int = 25      # longer mined turns are not used as templates
+    mine_max_dialogs: int = 20000      # templates are mined from the first this many training dialogs (0: all)
     seed: int = 0
     cache_dir: str | None = None       # default: <root>/data/simulated
     add_to_train: bool = False         # the CRSLab dataset also appends the simulated dialogs to
@@ -64,7 +65,7 @@ class SimulationConfig:
                 raise UserError(f"simulation: key '{key}' must be {what}, not {getattr(self, key)!r}")
 
         for key, types in (("per_item", int), ("thread_min_length", int), ("thread_max_length", int),
-                           ("max_template_tokens", int), ("seed", int)):
+                           ("max_template_tokens", int), ("seed", int), ("mine_max_dialogs", int)):
             need(isinstance(getattr(self, key), types) and not isinstance(getattr(self, key), bool),
                  key, "an integer")
         need(self.per_item >= 1, "per_item", "a positive integer")
@@ -72,6 +73,7 @@ class SimulationConfig:
         need(self.thread_min_length <= self.thread_max_length <= 16, "thread_max_length",
              f"between thread_min_length ({self.thread_min_length}) and 16")
         need(self.max_template_tokens >= 2, "max_template_tokens", "at least 2")
+        need(self.mine_max_dialogs >= 0, "mine_max_dialogs", "0 (all) or a positive integer")
         need(0 <= self.seed < 2 ** 63, "seed", "a non-negative integer")
         for key in ("mined_template_share", "reason_prob"):
             v = getattr(self, key)
@@ -95,6 +97,9 @@ class SimulationConfig:
         d["related_via"] = {k: float(v) for k, v in sorted(self.related_via.items())}
         d["mined_template_share"] = float(self.mined_template_share)
         d["reason_prob"] = float(self.reason_prob)
+        if self.mine_max_dialogs == SimulationConfig.mine_max_dialogs:
+            # the default: keys (and caches) of datasets with fewer training dialogs stay as they were
+            d.pop("mine_max_dialogs")
         return d
 
 

@@ -135,7 +135,7 @@ def _templates(catalog: Catalog, folder: Path, config: SimulationConfig) -> tupl
         templates += load_template_file(config.templates, known)
     report: dict[str, Any] = {}
     if config.mined_template_share > 0:
-        mined, report = mine_templates(catalog, folder, config.max_template_tokens)
+        mined, report = mine_templates(catalog, folder, config.max_template_tokens, config.mine_max_dialogs)
         templates += mined
     return templates, report
 

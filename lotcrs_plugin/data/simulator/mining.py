@@ -14,7 +14,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from lotcrs_plugin.data.catalog import Catalog
 from lotcrs_plugin.data.importers.common import STOPWORDS, tokenize
@@ -326,7 +326,7 @@ class TemplateMiner:
             rep["no_act"] += 1
             return None
 
-    def mine(self, dialogs: list[dict]) -> list[Template]:
+    def mine(self, dialogs: Iterable[dict]) -> list[Template]:
         """Unique templates of ``dialogs``, in order of first appearance."""
         out: dict[tuple[str, str | None, str], Template] = {}
         for dialog in dialogs:
@@ -351,20 +351,74 @@ class TemplateMiner:
 SLOT_MARKERS = re.compile(r"\[[^\[\]]*\]")
 
 
-def mine_templates(catalog: Catalog, folder: str | Path, max_tokens: int = 25) -> tuple[list[Template], dict[str, Any]]:
-    """Templates mined from ``folder/train_data.json`` (none when it is absent) and a report."""
+def iter_json_list(path: Path, limit: int = 0, chunk: int = 1 << 20) -> Iterator[Any]:
+    """The elements of a JSON list file, parsed one by one from a stream (a large file is never
+    held whole), the first ``limit`` only when limit > 0. UserError names the file and line of
+    malformed JSON or of a file that is not a list."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        buf, pos, lines_before, eof = "", 0, 1, False
+
+        def more() -> bool:
+            nonlocal buf, pos, lines_before, eof
+            if eof:
+                return False
+            lines_before += buf.count("\n", 0, pos)
+            part = f.read(chunk)
+            buf, pos, eof = buf[pos:] + part, 0, not part
+            return bool(part)
+
+        def skip_space() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not more():
+                    return buf[pos] if pos < len(buf) else ""
+
+        def fail(msg: str, at: int | None = None) -> UserError:
+            line = lines_before + buf.count("\n", 0, pos if at is None else at)
+            return UserError(f"{path}:{line}: {msg}")
+
+        if skip_space() != "[":
+            raise fail("expected a JSON list of dialogs {conv_id, dialog: [turn, ...]}")
+        pos += 1
+        n = 0
+        while True:
+            c = skip_space()
+            if c == "]":
+                return
+            if n:
+                if c != ",":
+                    raise fail("malformed JSON in the training dialogs (expected ',' or ']')")
+                pos += 1
+                skip_space()
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError as e:
+                    if more():  # an element cut by the end of the chunk
+                        continue
+                    raise fail(f"malformed JSON in the training dialogs ({e.msg})", e.pos) from None
+                if end < len(buf) or eof or not more():  # a number at the very end may go on
+                    break
+            pos = end
+            yield obj
+            n += 1
+            if limit and n >= limit:
+                return
+
+
+def mine_templates(catalog: Catalog, folder: str | Path, max_tokens: int = 25,
+                   max_dialogs: int = 0) -> tuple[list[Template], dict[str, Any]]:
+    """Templates mined from ``folder/train_data.json`` (none when it is absent) and a report;
+    ``max_dialogs`` > 0 reads only the first that many dialogs (templates stop being new long
+    before: a 100k-item catalog's training split would otherwise take minutes and GBs)."""
     path = Path(folder) / "train_data.json"
     if not path.is_file():
         return [], {"train_data": None}
-    try:
-        with open(path, encoding="utf-8") as f:
-            dialogs = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: malformed JSON in the training dialogs ({e.msg})") from None
-    if not isinstance(dialogs, list):
-        raise UserError(f"{path}: expected a JSON list of dialogs {{conv_id, dialog: [turn, ...]}}")
     miner = TemplateMiner(catalog, max_tokens)
-    templates = miner.mine(dialogs)
+    templates = miner.mine(iter_json_list(path, max_dialogs))
     report: dict[str, Any] = {"train_data": str(path), **dict(sorted(miner.report.items()))}
     report["kept_by_act"] = dict(sorted(Counter(
         t.act + (f":{t.kind}" if t.kind else "") for t in templates).items()))
