@@ -19,5 +19,9 @@ def session_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def lotcrs_home(session_home, monkeypatch) -> Path:
+    from lotcrs_plugin import paths
+
     monkeypatch.setenv("LOTCRS_HOME", str(session_home))
+    # a run in an earlier test may have made its own root the active one (paths.apply_to_crslab)
+    monkeypatch.setattr(paths, "_active", None)
     return session_home
