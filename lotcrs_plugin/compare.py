@@ -329,9 +329,10 @@ def write_markdown(rows: Sequence[Row], path: Path, *, title: str, command: str 
     path.write_text("\n".join(out).rstrip() + "\n", encoding="utf-8")
 
 
-def _label(row: Row, several_datasets: bool) -> str:
-    model = row.get("model") or row.config
-    return f"{model} ({row.get('dataset')})" if several_datasets else model
+def _labels(rows: Sequence[Row]) -> dict[int, str]:
+    """Plot labels by id(row): the table's labels, with the dataset where rows have several."""
+    several = len({r.get("dataset") for r in rows}) > 1
+    return {id(r): f"{label} ({r.get('dataset')})" if several else label for label, r in zip(row_labels(rows), rows)}
 
 
 def _annotate_apart(ax: Any, points: list[tuple[float, float, str]], min_px: float = 11.0) -> None:
@@ -371,8 +372,8 @@ def plot_tradeoff(rows: Sequence[Row], path: Path) -> bool:
                    marker=markers[i % len(markers)], s=45, label=dataset)
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
-    _annotate_apart(ax, [(r.get("tail_coverage@50"), r.get("recall@10"), _label(r, len(datasets) > 1))
-                         for r in points])
+    labels = _labels(points)
+    _annotate_apart(ax, [(r.get("tail_coverage@50"), r.get("recall@10"), labels[id(r)]) for r in points])
     ax.set_xlabel("Tail-Coverage@50 (share of tail items recommended)")
     ax.set_ylabel("Recall@10")
     ax.set_title("Accuracy against long-tail coverage (test)")
@@ -398,6 +399,7 @@ def plot_buckets(rows: Sequence[Row], path: Path, k: int = 10) -> bool:
     import numpy as np
 
     datasets = sorted({r.get("dataset") for r in have})
+    names = dict(zip(map(id, have), row_labels(have)))
     n_buckets = max(len(r.buckets["labels"]) for r in have)
     width_in = max(8.0, 0.9 * n_buckets + 2)
     fig, axes = plt.subplots(len(datasets), 1, figsize=(width_in, 4.2 * len(datasets)), squeeze=False)
@@ -407,7 +409,7 @@ def plot_buckets(rows: Sequence[Row], path: Path, k: int = 10) -> bool:
         labels = ref["labels"]
         x = np.arange(len(labels))
         series = [("catalog items", ref["catalog_items"], "#d0d0d0"), ("test targets", ref["targets"], "#303030")]
-        series += [(r.get("model") or r.config, r.buckets["recommended"][str(k)], None) for r in mine
+        series += [(names[id(r)], r.buckets["recommended"][str(k)], None) for r in mine
                    if r.buckets["labels"] == labels]
         bar = 0.85 / len(series)
         for i, (name, counts, color) in enumerate(series):
