@@ -42,6 +42,7 @@ import torch
 from loguru import logger
 from torch import nn
 
+from lotcrs_plugin.config_block import typed_values
 from lotcrs_plugin.errors import UserError
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -65,17 +66,7 @@ class DistributedConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "DistributedConfig":
         """Validate a block; UserError names an unknown key, a wrong type or a bad value."""
-        d = dict(d or {})
-        known = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in known:
-                raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
-        defaults = cls()
-        for key, value in d.items():
-            want = type(getattr(defaults, key))
-            if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
-                kind = {int: "an integer", str: "a string", bool: "true or false"}[want]
-                raise UserError(f"key '{key}' must be {kind}, not {value!r}")
+        d = typed_values(cls, d)
         cfg = cls(**d)
         if cfg.backend not in BACKENDS:
             raise UserError(f"key 'backend' must be {', '.join(BACKENDS)}, not {cfg.backend!r}")

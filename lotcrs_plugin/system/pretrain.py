@@ -31,11 +31,12 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from lotcrs_plugin import compat
+from lotcrs_plugin.config_block import typed_values
 from lotcrs_plugin.errors import UserError
 
 compat.apply()  # crslab is imported only through the patches
@@ -65,6 +66,11 @@ SIMILARITIES = ("cosine", "dot")
 
 
 # ---- the config block ------------------------------------------------------------------------
+
+def _check_projection(value: Any) -> None:
+    if not (isinstance(value, bool) or value == "auto"):
+        raise UserError(f"key 'projection' must be true, false or auto, not {value!r}")
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -123,25 +129,7 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "PretrainConfig":
         """Validate a block; UserError names an unknown key, a wrong type or a bad value."""
-        d = dict(d or {})
-        known = {f.name: f for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
-        defaults = cls()
-        for key, value in d.items():
-            want = type(getattr(defaults, key))
-            if key == "projection":
-                if not (isinstance(value, bool) or value == "auto"):
-                    raise UserError(f"key 'projection' must be true, false or auto, not {value!r}")
-                continue
-            ok = isinstance(value, want) and not (isinstance(value, bool) and want is not bool)
-            if want is float and isinstance(value, int) and not isinstance(value, bool):
-                d[key] = float(value)
-                ok = True
-            if not ok:
-                kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[want]
-                raise UserError(f"key '{key}' must be {kind}, not {value!r}")
+        d = typed_values(cls, d, {"projection": _check_projection})
         cfg = cls(**d)
         cfg.check()
         return cfg

@@ -1,0 +1,38 @@
+"""One check for the flat config blocks that are frozen dataclasses (``lotcrs:``,
+``lotcrs_pretrain:``, ``distributed:``): unknown keys and wrong types get one line each."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Callable, Mapping
+
+from lotcrs_plugin.errors import UserError
+
+KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def typed_values(cls: type, d: Mapping[str, Any] | None,
+                 special: Mapping[str, Callable[[Any], None]] | None = None) -> dict[str, Any]:
+    """``d`` checked against the fields of ``cls``: every key known, every value of its default's
+    type (an integer is taken for a float, a bool never for a number). ``special`` maps a key to its
+    own check, for fields whose values are not one type (e.g. true, false or auto)."""
+    d = dict(d or {})
+    known = [f.name for f in fields(cls)]
+    for key in d:
+        if key not in known:
+            raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
+    defaults = cls()
+    for key, value in d.items():
+        if special and key in special:
+            special[key](value)
+            continue
+        want = type(getattr(defaults, key))
+        ok = isinstance(value, want) and not (isinstance(value, bool) and want is not bool)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            d[key], ok = float(value), True
+        if not ok:
+            raise UserError(f"key '{key}' must be {KINDS[want]}, not {value!r}")
+    return d
+
+
+__all__ = ["typed_values"]
