@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.knn import aggregate_votes, knn_bonus, rank_linear_with_bonus
+from lotcrs_plugin.evaluator.ranking import rank_linear
+from lotcrs_plugin.model.knn import aggregate_votes, knn_bonus
 from lotcrs_plugin.model.retrieval import RetrievalConfig
 
 from test_lotcrs import _system, backbone_paths, one_thread, plugin, tiny_opt  # noqa: F401  (fixtures)
@@ -37,7 +38,7 @@ def test_ranking_with_a_bonus_equals_the_dense_ranking(max_elements):
     bonus = torch.rand(b, 4, generator=g) * 3
     targets = ids[:, 0].clone()
     targets[1] = 0
-    ranking = rank_linear_with_bonus(query, weight, bias, 10, ids, bonus, targets=targets, max_elements=max_elements)
+    ranking = rank_linear(query, weight, bias, 10, targets=targets, max_elements=max_elements, bonus=(ids, bonus))
     dense = query @ weight.T + bias
     dense.scatter_add_(1, ids.clamp(min=0), torch.where(ids >= 0, bonus, torch.zeros_like(bonus)))
     order = torch.sort(dense, dim=1, descending=True, stable=True).indices

@@ -175,16 +175,31 @@ def _chunk_top(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def rank_linear(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, *,
                 targets: torch.Tensor | None = None, max_elements: int = DEFAULT_MAX_ELEMENTS,
-                on_block: Callable[[tuple[int, int]], None] | None = None) -> Ranking:
+                on_block: Callable[[tuple[int, int]], None] | None = None,
+                bonus: tuple[torch.Tensor, torch.Tensor] | None = None) -> Ranking:
     """Rank the items of a linear scorer: scores = query (B, H) @ weight (N, H).T + bias (N,),
     never more than ``max_elements`` scores at once (see :func:`rank_chunked`). Runs under the
-    caller's autocast, as the dense ``F.linear`` would."""
+    caller's autocast, as the dense ``F.linear`` would. ``bonus`` = (ids, values), both (B, m):
+    a sparse term added to the scores, ``values[b, j]`` to item ``ids[b, j]`` (-1: none; ids
+    distinct per row), e.g. the kNN vote (lotcrs_plugin.model.knn)."""
     if query.ndim != 2 or weight.ndim != 2 or query.shape[1] != weight.shape[1]:
         raise ValueError(f"rank_linear: query (B, H) and weight (N, H) expected, got {tuple(query.shape)} "
                          f"and {tuple(weight.shape)}")
 
+    if bonus is not None:
+        bonus_ids, bonus_values = bonus[0], bonus[1].float()
+        bonus_values = torch.where(bonus_ids >= 0, bonus_values, torch.zeros_like(bonus_values))
+
     def score(r0: int, r1: int, lo: int, hi: int) -> torch.Tensor:
-        return F.linear(query[r0:r1], weight[lo:hi], None if bias is None else bias[lo:hi])
+        block = F.linear(query[r0:r1], weight[lo:hi], None if bias is None else bias[lo:hi])
+        if bonus is None:
+            return block
+        ids = bonus_ids[r0:r1]
+        inside = (ids >= lo) & (ids < hi)
+        block = block.float()
+        block.scatter_add_(1, torch.where(inside, ids - lo, torch.zeros_like(ids)),
+                           torch.where(inside, bonus_values[r0:r1], torch.zeros_like(bonus_values[r0:r1])))
+        return block
 
     target_scores = None
     if targets is not None:
@@ -194,6 +209,9 @@ def rank_linear(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         target_scores = torch.bmm(query[:, None, :], weight[t][:, :, None]).reshape(-1)
         if bias is not None:
             target_scores = target_scores + bias[t].to(target_scores.dtype)
+        if bonus is not None:
+            target_scores = target_scores.float() + torch.where(bonus_ids == t[:, None], bonus_values,
+                                                                torch.zeros_like(bonus_values)).sum(1)
     return rank_chunked(score, query.shape[0], weight.shape[0], k, targets=targets, target_scores=target_scores,
                         max_elements=max_elements, device=query.device, on_block=on_block)
 

@@ -18,7 +18,7 @@ the validation split from ``knn_grid``.
 
 Only evaluation uses the vote (training is unchanged); it costs one forward pass of the frozen
 encoder and one faiss search per batch. The bonus is sparse ([B, m] item ids and values), so
-ranking stays chunked (:func:`rank_linear_with_bonus`).
+ranking stays chunked (the ``bonus`` of :func:`lotcrs_plugin.evaluator.ranking.rank_linear`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.evaluator.ranking import DEFAULT_MAX_ELEMENTS, Ranking, rank_chunked
 from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig
 
 MANIFEST = "knn.json"
@@ -72,33 +71,9 @@ def knn_bonus(votes: torch.Tensor, n_items: int, weight: float) -> torch.Tensor:
     return weight * torch.log1p(n_items * votes.clamp_min(0))
 
 
-def rank_linear_with_bonus(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int,
-                           bonus_ids: torch.Tensor, bonus: torch.Tensor, *, targets: torch.Tensor | None = None,
-                           max_elements: int = DEFAULT_MAX_ELEMENTS) -> Ranking:
-    """:func:`lotcrs_plugin.evaluator.ranking.rank_linear` with a sparse bonus added to the
-    scores: ``bonus[b, j]`` to item ``bonus_ids[b, j]`` (-1: none; ids distinct per row)."""
-    bonus = bonus.float()
-    valid = bonus_ids >= 0
-
-    def score(r0: int, r1: int, lo: int, hi: int) -> torch.Tensor:
-        block = F.linear(query[r0:r1], weight[lo:hi], None if bias is None else bias[lo:hi]).float()
-        ids, add = bonus_ids[r0:r1], bonus[r0:r1]
-        inside = valid[r0:r1] & (ids >= lo) & (ids < hi)
-        col = torch.where(inside, ids - lo, torch.zeros_like(ids))
-        block.scatter_add_(1, col, torch.where(inside, add, torch.zeros_like(add)))
-        return block
-
-    target_scores = None
-    if targets is not None:
-        t = targets.to(query.device).long()
-        tc = t.clamp(min=0)
-        target_scores = torch.bmm(query[:, None, :], weight[tc][:, :, None]).reshape(-1).float()
-        if bias is not None:
-            target_scores = target_scores + bias[tc].float()
-        target_scores = target_scores + torch.where(valid & (bonus_ids == tc[:, None]), bonus,
-                                                    torch.zeros_like(bonus)).sum(1)
-    return rank_chunked(score, query.shape[0], weight.shape[0], k, targets=targets, target_scores=target_scores,
-                        max_elements=max_elements, device=query.device)
+def context_keys(encoder: Any, batch: Any, pooling: str) -> torch.Tensor:
+    """(B, H) unit context vectors of the encoder: the store's keys and the queries."""
+    return F.normalize(encoder.context_representation(batch, pooling).float(), dim=-1)
 
 
 class KnnVoter:
@@ -119,8 +94,7 @@ class KnnVoter:
 
     @torch.no_grad()
     def keys(self, batch: Any) -> torch.Tensor:
-        """(B, H) unit context vectors of the frozen encoder."""
-        return F.normalize(self.encoder.context_representation(batch, self.pooling).float(), dim=-1)
+        return context_keys(self.encoder, batch, self.pooling)
 
     @torch.no_grad()
     def votes(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,4 +141,4 @@ def knn_store(keys: np.ndarray, items: np.ndarray, cfg: RetrievalConfig) -> Memo
     return MemoryStore.build(keys, np.zeros((len(keys), 1), np.float32), items, config)
 
 
-__all__ = ["KnnVoter", "aggregate_votes", "knn_bonus", "knn_store", "rank_linear_with_bonus"]
+__all__ = ["KnnVoter", "aggregate_votes", "context_keys", "knn_bonus", "knn_store"]

@@ -43,7 +43,7 @@ from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.evaluator.ranking import Ranking, rank_dense, rank_linear
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, build_backbone
 from lotcrs_plugin.model.fusion import RetrievalFusion
-from lotcrs_plugin.model.knn import KnnVoter, rank_linear_with_bonus
+from lotcrs_plugin.model.knn import KnnVoter
 from lotcrs_plugin.model.sample_rankers import SampleRanker, train_popularity
 from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig, RetrievalResult
 
@@ -280,17 +280,14 @@ class LOTCRSModel(nn.Module):
             fused = self.fusion(states[:, None], retrieved.values.to(states.dtype),
                                 value_mask=retrieved.mask)[:, 0]
         head = self.backbone.item_head(fused)
-        if self.knn is not None and self.knn.weight > 0:
-            ids, bonus = self.knn.bonus(batch)
-            if head is None:
-                logits = self.backbone.item_logits(fused).float()
-                logits.scatter_add_(1, ids.clamp(min=0), torch.where(ids >= 0, bonus, torch.zeros_like(bonus)))
-                return rank_dense(logits, k, targets=targets, max_elements=max_elements)
-            return rank_linear_with_bonus(*head, k, ids, bonus, targets=targets, max_elements=max_elements)
+        bonus = self.knn.bonus(batch) if self.knn is not None and self.knn.weight > 0 else None
         if head is None:  # a head that is not one linear map: rank its dense scores
-            return rank_dense(self.backbone.item_logits(fused).float(), k, targets=targets,
-                              max_elements=max_elements)
-        return rank_linear(*head, k, targets=targets, max_elements=max_elements)
+            logits = self.backbone.item_logits(fused).float()
+            if bonus is not None:
+                ids, values = bonus
+                logits.scatter_add_(1, ids.clamp(min=0), torch.where(ids >= 0, values, torch.zeros_like(values)))
+            return rank_dense(logits, k, targets=targets, max_elements=max_elements)
+        return rank_linear(*head, k, targets=targets, max_elements=max_elements, bonus=bonus)
 
     def teacher_copy(self) -> "LOTCRSModel":
         """A copy of this model without fusion or store (the label-smoothness teacher)."""

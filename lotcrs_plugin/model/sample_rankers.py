@@ -12,7 +12,7 @@ mentioned item of every turn) cannot give:
 
 Item mentions are read from the formatted input (item tokens), so they cover the context within
 ``lotcrs.max_length`` tokens, as the model sees it. Ranking is chunked like the model's
-(:func:`lotcrs_plugin.model.knn.rank_linear_with_bonus`): popularity is a linear scorer with a
+(the ``bonus`` of :func:`lotcrs_plugin.evaluator.ranking.rank_linear`): popularity is a linear scorer with a
 sparse bonus for the repeated items.
 """
 
@@ -23,8 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.evaluator.ranking import Ranking
-from lotcrs_plugin.model.knn import rank_linear_with_bonus
+from lotcrs_plugin.evaluator.ranking import Ranking, rank_linear
 
 RANKERS = ("model", "popularity", "repeat_popularity")
 
@@ -83,8 +82,8 @@ class SampleRanker:
         else:
             ids = torch.full((b, 1), -1, dtype=torch.long, device=device)
             bonus = torch.zeros(b, 1, device=device)
-        return rank_linear_with_bonus(query, pop[:, None], None, k, ids, bonus, targets=targets,
-                                      max_elements=max_elements)
+        return rank_linear(query, pop[:, None], None, k, targets=targets, max_elements=max_elements,
+                           bonus=(ids, bonus))
 
 
 __all__ = ["RANKERS", "SampleRanker", "repeated_items", "train_popularity"]

@@ -76,7 +76,7 @@ from lotcrs_plugin.data.finetune_samples import (  # noqa: E402
 from lotcrs_plugin.data.pretrain_samples import tokenize_dialogs  # noqa: E402
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, POOLINGS, load_backbone  # noqa: E402
 from lotcrs_plugin.model.fusion import retrieval_contrastive_loss  # noqa: E402
-from lotcrs_plugin.model.knn import KnnVoter, knn_store  # noqa: E402
+from lotcrs_plugin.model.knn import KnnVoter, context_keys, knn_store  # noqa: E402
 from lotcrs_plugin.model.sample_rankers import RANKERS  # noqa: E402
 from lotcrs_plugin.model.lotcrs import BLOCK, MODEL_NAME, LOTCRSModel  # noqa: E402
 from lotcrs_plugin.model.retrieval import MemoryStore  # noqa: E402
@@ -415,8 +415,7 @@ class LOTCRSSystem(BaseSystem):
         for batch in self.batches(part, train=False):
             batch = batch.to(self.device)
             with self._autocast():
-                rep = encoder.context_representation(batch.tokens, cfg.knn_pooling)
-            keys[batch.sample_idx.cpu().numpy()] = F.normalize(rep.float(), dim=-1).cpu().numpy()
+                keys[batch.sample_idx.cpu().numpy()] = context_keys(encoder, batch.tokens, cfg.knn_pooling).cpu().numpy()
         voter = KnnVoter(encoder, knn_store(keys, sim.index.targets[rows], cfg), len(self.model.items),
                          k=cfg.knn_k, temperature=cfg.knn_temperature, pooling=cfg.knn_pooling,
                          weight=0.0 if cfg.knn_weight == "auto" else float(cfg.knn_weight), source=self.knn_source())
