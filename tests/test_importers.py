@@ -240,6 +240,15 @@ def test_redial_import_every_field(redial_files, tmp_path):
         "The Matrix (1999)": 3, "Titanic (1997)": 2, "Heat (1995)": 1, "Signs (2008) [400]": 1,
         "Signs (2008) [401]": 0, "war": 0, "War Horse (2011)": 1}
     assert [stats[str(i)]["source_mentions"] for i in d["item_ids"]] == [12, 3, 1, 2, 1, 7, 5]
+    # the training samples' count: Recommender turns only
+    rec_turns: dict[str, int] = {}
+    for conv in d["train_data"]:
+        for turn in conv["dialog"]:
+            if turn["role"] == "Recommender":
+                for m in turn["movies"]:
+                    rec_turns[m] = rec_turns.get(m, 0) + 1
+    assert {s["name"]: s["train_rec_mentions"] for s in stats.values() if s["train_rec_mentions"]} == rec_turns
+    assert 0 < sum(rec_turns.values()) < sum(s["train_mentions"] for s in stats.values())
     for split in ("train", "valid", "test"):
         for conv in d[f"{split}_data"]:
             for turn in conv["dialog"]:
@@ -291,9 +300,9 @@ def test_unicrs_import_every_field(unicrs_files, tmp_path):
     assert t2["word"] == ["seen", "movie", "sequel", "item", "film"]
     stats = d["item_stats"]
     assert stats == {
-        "5": {"name": R + "Movie_C>", "train_mentions": 1, "source_mentions": None},
-        "1": {"name": R + "Movie_A>", "train_mentions": 1, "source_mentions": None},
-        "2": {"name": R + "Movie_B>", "train_mentions": 0, "source_mentions": None},
+        "5": {"name": R + "Movie_C>", "train_mentions": 1, "train_rec_mentions": 1, "source_mentions": None},
+        "1": {"name": R + "Movie_A>", "train_mentions": 1, "train_rec_mentions": 1, "source_mentions": None},
+        "2": {"name": R + "Movie_B>", "train_mentions": 0, "train_rec_mentions": 0, "source_mentions": None},
     }
 
 

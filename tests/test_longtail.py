@@ -119,6 +119,16 @@ def test_tail_by_mentions_threshold_and_source_counts():
     assert Catalog.build(ENTITY_IDS, int_keys, LongTailConfig(), "s").counts.tolist() == TRAIN_MENTIONS
 
 
+def test_tail_by_recommender_mentions_and_an_old_import_missing_them():
+    rec = [0, 1, 2, 1, 3]  # the training samples' counts: tail (<= 1) positions 0, 1, 3
+    with_rec = {k: {**v, "train_rec_mentions": r} for (k, v), r in zip(stats().items(), rec)}
+    cat = Catalog.build(ENTITY_IDS, with_rec, LongTailConfig(count="train_rec_mentions", threshold=1), "s")
+    assert cat.is_tail.tolist() == [True, True, False, True, False]
+    assert cat.metadata()["definition"] == "train_rec_mentions <= 1"
+    with pytest.raises(UserError, match="train_rec_mentions for item entity id 10 .*import-data"):
+        Catalog.build(ENTITY_IDS, stats(), LongTailConfig(count="train_rec_mentions"), "s")
+
+
 def test_tail_by_fraction_with_ties_in_catalog_order():
     cfg = LongTailConfig(tail="fraction", fraction=0.4)
     assert catalog(cfg).is_tail.tolist() == [True, True, False, False, False]  # counts 0 and 1

@@ -80,6 +80,14 @@ def test_train_mentions_match_the_train_dialogs(default_folder):
                 counted[entity2id[movie]] = counted.get(entity2id[movie], 0) + 1
     assert {int(k): v["train_mentions"] for k, v in stats.items() if v["train_mentions"]} == counted
     assert all(v["source_mentions"] >= v["train_mentions"] for v in stats.values())
+    counted_rec: dict[int, int] = {}
+    for conv in load(default_folder, "train_data.json"):
+        for turn in conv["dialog"]:
+            if turn["role"] == "Recommender":
+                for movie in turn["movies"]:
+                    counted_rec[entity2id[movie]] = counted_rec.get(entity2id[movie], 0) + 1
+    assert {int(k): v["train_rec_mentions"] for k, v in stats.items() if v["train_rec_mentions"]} == counted_rec
+    assert 0 < sum(counted_rec.values()) < sum(counted.values())
 
 
 def test_splits_nonempty_and_every_mention_resolves(default_folder):

@@ -291,6 +291,7 @@ class _Template:
     has_item: bool
     person: int         # index into PERSON_SLOTS, or -1
     literal_tokens: tuple[str, ...]
+    role: str = ""      # Seeker | Recommender
 
 
 def _compile(raw: str, role: str) -> _Template:
@@ -343,7 +344,7 @@ def _compile(raw: str, role: str) -> _Template:
            + '], "raw_text": "' + "".join(raw_parts) + '", "movies": [' + ("{ij}" if has_item else "")
            + '], "entity": [' + ", ".join(entity_parts) + '], "word": [' + ", ".join(word_parts)
            + "]}}")
-    return _Template(fmt, has_item, person, tuple(literal_tokens))
+    return _Template(fmt, has_item, person, tuple(literal_tokens), role)
 
 
 def _compile_all() -> tuple[list[_Template], np.ndarray, np.ndarray, np.ndarray]:
@@ -606,6 +607,9 @@ def generate(cfg: SyntheticConfig, dest: str | os.PathLike) -> Path:
     mentioned = np.array([t.has_item for t in TEMPLATES])[dia.template]
     train_counts = np.bincount(dia.item[:n_train][mentioned[:n_train]], minlength=n_items)
     all_counts = np.bincount(dia.item[mentioned], minlength=n_items)
+    # recommender turns naming an item: the fine-tuning samples' targets
+    recommends = mentioned & np.array([t.role == RECOMMENDER for t in TEMPLATES])[dia.template]
+    train_rec_counts = np.bincount(dia.item[:n_train][recommends[:n_train]], minlength=n_items)
     # tail: the least-mentioned two thirds of the catalog (ReDial: 66% of items, nbMentions <= 4)
     threshold = int(np.quantile(all_counts, 2 / 3))
 
@@ -627,6 +631,7 @@ def generate(cfg: SyntheticConfig, dest: str | os.PathLike) -> Path:
 
     item_ids = list(range(1, n_items + 1))
     item_stats = {str(i + 1): {"name": cat.item_names[i], "train_mentions": int(train_counts[i]),
+                               "train_rec_mentions": int(train_rec_counts[i]),
                                "source_mentions": int(all_counts[i])} for i in range(n_items)}
     attrs = {}
     for i in range(n_items):

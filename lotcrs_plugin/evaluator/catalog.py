@@ -1,7 +1,7 @@
 """The item catalog as the long-tail metrics see it: entity ids, popularity and the tail mask.
 
 Popularity comes from item_stats (``{"<entity id>": {"name", "train_mentions",
-"source_mentions"}}``, see docs/DATA_LAYOUT.md): from a given file, else the system's
+"train_rec_mentions", "source_mentions"}}``, see docs/DATA_LAYOUT.md): from a given file, else the system's
 side_data, else the dataset folder's item_stats.json.
 """
 
@@ -84,7 +84,9 @@ class Catalog:
                                 f"item_stats must cover every item of the catalog")
             value = stats.get(config.count)
             if value is None:
-                raise UserError(f"longtail: {source} gives no {config.count} for item entity id {entity}; "
+                hint = (" (datasets imported before it was counted: run `crslab import-data` again "
+                        "with --force)" if config.count == "train_rec_mentions" else "")
+                raise UserError(f"longtail: {source} gives no {config.count} for item entity id {entity}{hint}; "
                                 f"use `count: train_mentions` or complete the file")
             counts[p] = int(value)
         is_tail = tail_mask(counts, config)

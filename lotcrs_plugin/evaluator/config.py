@@ -8,7 +8,7 @@ from typing import Any
 from lotcrs_plugin.errors import UserError
 
 TAIL_KINDS = ("mentions", "fraction")
-COUNT_FIELDS = ("train_mentions", "source_mentions")
+COUNT_FIELDS = ("train_mentions", "train_rec_mentions", "source_mentions")
 INDEX_SPACES = ("auto", "position", "entity")
 
 
@@ -21,7 +21,9 @@ class LongTailConfig:
                  popular items of the catalog (ties at the border broken by catalog order).
     threshold:   the mention count cut-off of ``tail: mentions``.
     fraction:    the share of the catalog that is tail for ``tail: fraction`` (0 < f <= 1).
-    count:       the popularity of an item: ``train_mentions`` (mentions in the training split)
+    count:       the popularity of an item: ``train_mentions`` (mentions by either role in the
+                 training split), ``train_rec_mentions`` (recommender turns of the training split
+                 naming it, i.e. its fine-tuning samples: INSPIRED's published tail, at most one)
                  or ``source_mentions`` (the count a source file gives, ReDial's nbMentions).
                  It defines the tail and the average popularity of recommended items.
     ks:          the cut-offs k of every metric@k.

@@ -342,6 +342,9 @@ def write_dataset(
     word2id = {w: i for i, w in enumerate(_ranked(concept_counts), 1)}
 
     train_mentions: Counter = Counter()
+    # a recommender turn's movies are the fine-tuning samples' targets: the popularity that the
+    # samples (and INSPIRED's published tail, mentioned at most once in them) count
+    train_rec_mentions: Counter = Counter()
     out_splits: dict[str, list[dict]] = {}
     n_turns = 0
     for s in SPLITS:
@@ -354,6 +357,8 @@ def write_dataset(
                         raise AssertionError(f"{dialog.where}: {m!r} is not a catalog item")
                 if s == "train":
                     train_mentions.update(turn.movies)
+                    if turn.role == "Recommender":
+                        train_rec_mentions.update(turn.movies)  # a turn names a movie once
                 turns_out.append({
                     "utt_id": utt_id,
                     "role": turn.role,
@@ -375,6 +380,7 @@ def write_dataset(
         str(entity2id[n]): {
             "name": n,
             "train_mentions": train_mentions.get(n, 0),
+            "train_rec_mentions": train_rec_mentions.get(n, 0),
             "source_mentions": None if catalog.source_mentions is None else catalog.source_mentions.get(n, 0),
         }
         for n in catalog.item_names
