@@ -80,7 +80,7 @@ class KnnVoter:
     """The frozen encoder and the store of simulated context keys (values unused)."""
 
     def __init__(self, encoder: Any, store: MemoryStore, n_items: int, *, k: int, temperature: float,
-                 pooling: str, weight: float = 0.0, source: str = ""):
+                 pooling: str, weight: float = 0.0, source: str = "", tail_slots: dict[int, int] | None = None):
         self.encoder = encoder.eval()
         for p in self.encoder.parameters():
             p.requires_grad_(False)
@@ -91,6 +91,8 @@ class KnnVoter:
         self.pooling = pooling
         self.weight = float(weight)
         self.source = source  # where the encoder is rebuilt from (a pre-trained export or backbone_path)
+        # places of the lists reserved for the tail items the vote ranks best (model/tail_slots.py)
+        self.tail_slots = {int(c): int(n) for c, n in tail_slots.items()} if tail_slots else None
 
     @torch.no_grad()
     def keys(self, batch: Any) -> torch.Tensor:
@@ -121,7 +123,8 @@ class KnnVoter:
         self.store.save(folder)
         (folder / MANIFEST).write_text(json.dumps({
             "source": self.source, "k": self.k, "temperature": self.temperature, "pooling": self.pooling,
-            "weight": self.weight, "n_items": self.n_items}, indent=1), encoding="utf-8")
+            "weight": self.weight, "n_items": self.n_items, "tail_slots": self.tail_slots}, indent=1),
+            encoding="utf-8")
         return folder
 
     @staticmethod

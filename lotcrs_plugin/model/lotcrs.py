@@ -43,9 +43,10 @@ from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.evaluator.ranking import Ranking, rank_dense, rank_linear
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, build_backbone
 from lotcrs_plugin.model.fusion import RetrievalFusion
-from lotcrs_plugin.model.knn import KnnVoter
+from lotcrs_plugin.model.knn import KnnVoter, knn_bonus
 from lotcrs_plugin.model.sample_rankers import SampleRanker, train_popularity
 from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig, RetrievalResult
+from lotcrs_plugin.model.tail_slots import NOT_TAIL, merge_tail_slots, slot_mask
 
 MODEL_NAME = "LOTCRS"
 BLOCK = "lotcrs"
@@ -152,6 +153,32 @@ class ModelOutput:
     retrieved: RetrievalResult | None
 
 
+def _add_sparse(scores: torch.Tensor, sparse: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """scores (B, N) plus a sparse (ids, values) term (ids -1: none), in place."""
+    if sparse is not None:
+        ids, values = sparse
+        scores.scatter_add_(1, ids.clamp(min=0), torch.where(ids >= 0, values.to(scores.dtype),
+                                                             torch.zeros_like(values, dtype=scores.dtype)))
+    return scores
+
+
+def with_tail_slots(ranking: Ranking, tail_top: torch.Tensor, slots: Mapping[int, int] | None,
+                    targets: torch.Tensor | None) -> Ranking:
+    """The model's ranking with ``slots`` places filled from the vote's tail ranking ``tail_top``
+    (model/tail_slots.py); the cross-entropy stays the model's, the scores are not defined (NaN)."""
+    if not slots or not any(slots.values()):
+        return ranking
+    depth = ranking.top_ids.shape[1]
+    merged = merge_tail_slots(ranking.top_ids, tail_top, slot_mask(slots, depth))
+    rank = ranking.target_rank
+    if rank is not None and targets is not None:  # the target's place in the new list; else past it
+        hit = merged == targets.to(merged.device).long()[:, None]
+        rank = torch.where(hit.any(1), hit.float().argmax(1), torch.clamp(rank, min=depth))
+        rank = torch.where(ranking.target_rank >= 0, rank, ranking.target_rank)
+    return Ranking(merged, torch.full(merged.shape, float("nan"), device=merged.device), rank,
+                   ranking.target_score, ranking.logsumexp)
+
+
 class LOTCRSModel(nn.Module):
     """Built by CRSLab as ``LOTCRSModel(opt, device, vocab, side_data)`` (see the module docstring).
 
@@ -186,6 +213,9 @@ class LOTCRSModel(nn.Module):
         self.store: MemoryStore | None = None  # attached by the system; not part of the state dict
         self.knn: KnnVoter | None = None  # the balanced store's vote at evaluation (model/knn.py); idem
         self.ranker: SampleRanker | None = None  # lotcrs.ranker: a training-free baseline instead of the model
+        # the evaluator's tail (N,) bool, for the tail slots of the vote (model/tail_slots.py); set by the
+        # system, not part of the state dict
+        self.tail_items: torch.Tensor | None = None
         if cfg.ranker != "model":
             self.ranker = SampleRanker(cfg.ranker, train_popularity(self.items.entity_ids,
                                                                     (side_data or {}).get("item_stats")),
@@ -270,9 +300,18 @@ class LOTCRSModel(nn.Module):
         """Top-k items, each target's rank and the log-sum-exp of a batch (evaluation, no grad),
         scored in item chunks of at most ``max_elements`` scores
         (lotcrs_plugin.evaluator.ranking): the same fused state as :meth:`forward`, without its
-        (B, N) logits."""
+        (B, N) logits; with the vote's tail slots when they are set."""
+        ranking, tail_top = self.rank_parts(batch, targets, k, max_elements)
+        if tail_top is None:
+            return ranking
+        return with_tail_slots(ranking, tail_top, self.knn.tail_slots, targets)
+
+    def rank_parts(self, batch: TokenBatch, targets: torch.Tensor | None, k: int, max_elements: int,
+                   *, tail: bool | None = None) -> tuple[Ranking, torch.Tensor | None]:
+        """The model's ranking (with the vote's bonus when its weight is > 0) and, when the tail
+        slots are on (or ``tail``), the vote's (B, k) tail ranking that fills them."""
         if self.ranker is not None:
-            return self.ranker.rank(batch, targets, k, max_elements)
+            return self.ranker.rank(batch, targets, k, max_elements), None
         hidden = self.backbone.encode(batch)
         fused = states = self.at_mask(hidden, batch)
         if self.uses_retrieval:
@@ -280,14 +319,35 @@ class LOTCRSModel(nn.Module):
             fused = self.fusion(states[:, None], retrieved.values.to(states.dtype),
                                 value_mask=retrieved.mask)[:, 0]
         head = self.backbone.item_head(fused)
-        bonus = self.knn.bonus(batch) if self.knn is not None and self.knn.weight > 0 else None
+        if tail is None:
+            tail = bool(self.knn is not None and self.knn.tail_slots and any(self.knn.tail_slots.values()))
+        tail = tail and self.knn is not None and self.tail_items is not None
+        votes = self.knn.votes(batch) if self.knn is not None and (self.knn.weight > 0 or tail) else None
+        bonus = None
+        if votes is not None and self.knn.weight > 0:
+            bonus = (votes[0], knn_bonus(votes[1], self.knn.n_items, self.knn.weight))
+        logits = None
         if head is None:  # a head that is not one linear map: rank its dense scores
             logits = self.backbone.item_logits(fused).float()
-            if bonus is not None:
-                ids, values = bonus
-                logits.scatter_add_(1, ids.clamp(min=0), torch.where(ids >= 0, values, torch.zeros_like(values)))
-            return rank_dense(logits, k, targets=targets, max_elements=max_elements)
-        return rank_linear(*head, k, targets=targets, max_elements=max_elements, bonus=bonus)
+            ranking = rank_dense(_add_sparse(logits.clone() if tail else logits, bonus), k, targets=targets,
+                                 max_elements=max_elements)
+        else:
+            ranking = rank_linear(*head, k, targets=targets, max_elements=max_elements, bonus=bonus)
+        if not tail:
+            return ranking, None
+        # the tail ranking: log(1 + N p_knn) + a * logit over tail items (head items pushed below)
+        m = min(len(self.items), k)  # enough candidates for every slot after skipping the model's items
+        a = self.retrieval_cfg.tail_logit_weight
+        not_tail = torch.where(self.tail_items.to(ranking.top_ids.device), 0.0, NOT_TAIL)
+        vote = (votes[0], knn_bonus(votes[1], self.knn.n_items, 1.0))
+        if head is None:
+            tail_rank = rank_dense(_add_sparse(a * logits + not_tail, vote), m, max_elements=max_elements)
+        else:
+            query, weight, bias = head
+            bias = not_tail if bias is None else a * bias.float() + not_tail
+            tail_rank = rank_linear(a * query, weight, bias.to(query.dtype), m, max_elements=max_elements,
+                                    bonus=vote)
+        return ranking, tail_rank.top_ids
 
     def teacher_copy(self) -> "LOTCRSModel":
         """A copy of this model without fusion or store (the label-smoothness teacher)."""

@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,8 +79,9 @@ from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, POOLINGS, load_backbon
 from lotcrs_plugin.model.fusion import retrieval_contrastive_loss  # noqa: E402
 from lotcrs_plugin.model.knn import KnnVoter, context_keys, knn_store  # noqa: E402
 from lotcrs_plugin.model.sample_rankers import RANKERS  # noqa: E402
-from lotcrs_plugin.model.lotcrs import BLOCK, MODEL_NAME, LOTCRSModel  # noqa: E402
+from lotcrs_plugin.model.lotcrs import BLOCK, MODEL_NAME, LOTCRSModel, with_tail_slots  # noqa: E402
 from lotcrs_plugin.model.retrieval import MemoryStore  # noqa: E402
+from lotcrs_plugin.model.tail_slots import describe, grid_settings  # noqa: E402
 from lotcrs_plugin.model.smoothing import SmoothingConfig, TeacherScores, label_smoothness_loss  # noqa: E402
 from lotcrs_plugin.system import distributed  # noqa: E402
 from lotcrs_plugin.system.optim import adamw_linear  # noqa: E402
@@ -255,12 +257,36 @@ class LOTCRSSystem(BaseSystem):
         self.stopped = False
         self.optimizer = self.scheduler = None
         self.pretrained_from: str | None = None
+        self._knn_export: Path | None = None  # the export of retrieval.knn_pretrain, once known
         self._sync_store_at_test = False
         self.timings: dict[str, float] = {}
         self.dist = distributed.current()  # one process unless torchrun started several
         self.ddp: nn.Module | None = None  # the model in DDP while fine-tuning (several processes)
         if not interact:
             self.scorer = BestEpochSelector(self, self.selection_cfg)  # never attached: scores only
+        self._check_knn_pretrain(opt)
+        if self.retrieval_cfg.tail_slots is not None:
+            catalog = getattr(self.evaluator, "catalog", None)
+            if catalog is None:
+                raise UserError("retrieval.tail_slots: needs `evaluator: longtail`, whose longtail: block "
+                                "defines the tail items; set it, or tail_slots: null")
+            self.model.tail_items = torch.as_tensor(np.asarray(catalog.is_tail, dtype=bool))
+
+    def _check_knn_pretrain(self, opt: Any) -> None:
+        over = self.retrieval_cfg.knn_pretrain
+        if not over:
+            return
+        from lotcrs_plugin.system import pretrain as pt
+
+        block = dict(opt.get(pt.BLOCK, None) or {})
+        own = block.get("run_name") or f"{opt['dataset']}_{self.model.backbone_name}_pretrain"
+        if over["run_name"] == own:
+            raise UserError(f"retrieval.knn_pretrain.run_name: '{own}' is this run's own pre-training "
+                            f"(lotcrs_pretrain.run_name); give the vote's encoder another run name")
+        try:
+            pt.PretrainConfig.from_dict({**block, **over})
+        except UserError as err:
+            raise UserError(f"retrieval.knn_pretrain: {err}") from None
 
     # -- data
 
@@ -311,9 +337,9 @@ class LOTCRSSystem(BaseSystem):
 
     # -- 1. pre-training
 
-    def pretrain(self) -> Path:
-        """Run the pre-training system with this config's ``lotcrs_pretrain:`` block and load its
-        export as the backbone."""
+    def _pretraining(self, overrides: Mapping[str, Any] | None = None) -> Path:
+        """Run the pre-training system with this config's ``lotcrs_pretrain:`` block (updated by
+        ``overrides``) and return its export (a finished run is only exported again)."""
         from crslab.config.config import Config
 
         from lotcrs_plugin.system import pretrain as pt
@@ -321,14 +347,21 @@ class LOTCRSSystem(BaseSystem):
         sub = Config.__new__(Config)
         sub.opt = dict(self.opt.opt if hasattr(self.opt, "opt") else self.opt)
         sub.opt.update(model=pt.MODEL_NAME, model_name=pt.MODEL_NAME, backbone_path=self.model.backbone_path)
-        sub.opt.setdefault(pt.BLOCK, {})
-        started = time.perf_counter()
-        logger.info(f"[lotcrs] 1/4 pre-training ({pt.BLOCK}: {sub.opt[pt.BLOCK]})")
+        sub.opt[pt.BLOCK] = {**(sub.opt.get(pt.BLOCK) or {}), **(overrides or {})}
+        logger.info(f"[lotcrs] pre-training ({pt.BLOCK}: {sub.opt[pt.BLOCK]})")
         system = pt.LOTCRSPretrainSystem(sub, self.train_dataloader, self.valid_dataloader, self.test_dataloader,
                                          self.vocab, self.side_data)
-        system.fit()
+        with torch.enable_grad():  # also when called from the vote's (no-grad) construction
+            system.fit()
         export = system.run_dir / "backbone"
         del system
+        return export
+
+    def pretrain(self) -> Path:
+        """Pre-train (step 1 of 4) and load the export as the backbone."""
+        started = time.perf_counter()
+        logger.info("[lotcrs] 1/4 pre-training")
+        export = self._pretraining()
         self.model.set_backbone(load_backbone(export, kg=self.model.kg, expect=self.model.backbone_name,
                                               prompt=self.cfg.prompt))
         self._data.clear()  # tokenized by the old backbone object
@@ -390,8 +423,42 @@ class LOTCRSSystem(BaseSystem):
     # -- 2b. the kNN vote of the balanced store (evaluation only; lotcrs_plugin/model/knn.py)
 
     def knn_source(self) -> str:
-        """Where the frozen kNN encoder comes from: the pre-trained export, else backbone_path."""
-        return self.pretrained_from or str(self.model.backbone_path)
+        """Where the frozen kNN encoder comes from: the export of ``retrieval.knn_pretrain`` (its
+        own pre-training, run here when it has not finished; the random state is kept, so that
+        fine-tuning does not depend on it), else the run's pre-trained export, else backbone_path."""
+        over = self.retrieval_cfg.knn_pretrain
+        if not over:
+            return self.pretrained_from or str(self.model.backbone_path)
+        if self._knn_export is None:
+            self._knn_export = self._finished_pretraining(over)
+        if self._knn_export is None:
+            state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+            try:
+                self._knn_export = self._pretraining(over)
+            finally:
+                random.setstate(state[0])
+                np.random.set_state(state[1])
+                torch.set_rng_state(state[2])
+        return str(self._knn_export)
+
+    def _finished_pretraining(self, overrides: Mapping[str, Any]) -> Path | None:
+        """The export of a finished pre-training run with exactly this configuration, else None."""
+        from lotcrs_plugin.paths import active_layout
+        from lotcrs_plugin.system import pretrain as pt
+
+        opt = self.opt.opt if hasattr(self.opt, "opt") else self.opt
+        want = asdict(pt.PretrainConfig.from_dict({**(opt.get(pt.BLOCK) or {}), **overrides}))
+        summary = active_layout().save / overrides["run_name"] / "pretrain.json"
+        try:
+            done = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        same = json.loads(json.dumps(done.get("config"), default=str)) == json.loads(json.dumps(want, default=str))
+        export = Path(done.get("export", ""))
+        if same and done.get("backbone_path") == str(self.model.backbone_path) and (export / "config.json").is_file():
+            logger.info(f"[lotcrs] kNN encoder: the finished pre-training {export}")
+            return export
+        return None
 
     def knn_encoder(self, source: str) -> Any:
         from lotcrs_plugin.model.backbones import build_backbone
@@ -407,7 +474,8 @@ class LOTCRSSystem(BaseSystem):
         Saved in the run folder (the encoder is rebuilt from its source, not copied)."""
         started = time.perf_counter()
         cfg = self.retrieval_cfg
-        encoder = self.knn_encoder(self.knn_source()).eval()
+        source = self.knn_source()
+        encoder = self.knn_encoder(source).eval()
         sim = self.data("simulated")
         rows = per_item_rows(sim.index.targets, cfg.knn_per_item, cfg.sample_seed)
         part = RecData(sim.table, sim.fmt, sim.first_item_id, sim.index.subset(rows), sim.pad_to_multiple_of)
@@ -418,7 +486,8 @@ class LOTCRSSystem(BaseSystem):
                 keys[batch.sample_idx.cpu().numpy()] = context_keys(encoder, batch.tokens, cfg.knn_pooling).cpu().numpy()
         voter = KnnVoter(encoder, knn_store(keys, sim.index.targets[rows], cfg), len(self.model.items),
                          k=cfg.knn_k, temperature=cfg.knn_temperature, pooling=cfg.knn_pooling,
-                         weight=0.0 if cfg.knn_weight == "auto" else float(cfg.knn_weight), source=self.knn_source())
+                         weight=0.0 if cfg.knn_weight == "auto" else float(cfg.knn_weight), source=source,
+                         tail_slots=None if cfg.tail_slots in (None, "auto") else cfg.tail_slots)
         self.model.knn = voter
         voter.save(self.run_dir / "knn")
         self.timings["knn_s"] = round(time.perf_counter() - started, 2)
@@ -431,7 +500,8 @@ class LOTCRSSystem(BaseSystem):
         model = self.model.module if isinstance(self.model, nn.DataParallel) else self.model
         voter = KnnVoter(self.knn_encoder(manifest["source"]), MemoryStore.load(folder), len(model.items),
                          k=manifest["k"], temperature=manifest["temperature"], pooling=manifest["pooling"],
-                         weight=manifest["weight"], source=manifest["source"])
+                         weight=manifest["weight"], source=manifest["source"],
+                         tail_slots=manifest.get("tail_slots"))
         model.knn = voter
         return voter
 
@@ -475,6 +545,64 @@ class LOTCRSSystem(BaseSystem):
         self.knn_selection = {"metric": selection.metric, "scores": scores, "weight": best}
         logger.info(f"[lotcrs] kNN weight chosen on validation ({selection.metric}): {best} of "
                     + ", ".join(f"{w:g}: {'n/a' if v is None else f'{v:.4f}'}" for w, v in scores.items()))
+
+    @torch.no_grad()
+    def choose_tail_slots(self) -> None:
+        """tail_slots: auto -> of ``tail_slots_grid``, the setting with the best validation
+        ``tail_slots_metric`` among those that keep ``tail_slots_keep`` at least at its value
+        without slots (ties: fewer slots). One scoring pass over validation: the model's lists and
+        the vote's tail lists are merged for every setting. Never looks at the test split."""
+        voter, cfg = self.model.knn, self.retrieval_cfg
+        if voter is None or cfg.tail_slots != "auto":
+            return
+        try:
+            selection = SelectionConfig.from_dict({"metric": cfg.tail_slots_metric, "mode": "max"})
+        except UserError as err:
+            raise UserError(f"retrieval.tail_slots_metric: {err}") from None
+        try:
+            keep = SelectionConfig.from_dict({"metric": cfg.tail_slots_keep, "mode": "max"}) if cfg.tail_slots_keep else None
+        except UserError as err:
+            raise UserError(f"retrieval.tail_slots_keep: {err}") from None
+        was = self.model.training
+        self.model.eval()
+        parts = []
+        for batch in self.batches(self.data("valid"), train=False):
+            batch = batch.to(self.device)
+            with self._autocast():
+                ranking, tail_top = self.model.rank_parts(batch.tokens, batch.targets, TOP_K,
+                                                          self.cfg.eval_chunk_elements, tail=True)
+            parts.append((ranking, tail_top, batch.targets, ~batch.mentioned))
+
+        def score(setting: dict[int, int] | None) -> tuple[float | None, float | None]:
+            self.evaluator.reset_metrics()
+            for ranking, tail_top, targets, unmentioned in parts:
+                listed = with_tail_slots(ranking, tail_top, setting, targets)
+                self._evaluate_lists(listed.top_ids.cpu(), targets.cpu(), unmentioned.cpu())
+            if hasattr(self.evaluator, "longtail_report"):
+                self.evaluator.last_report = self.evaluator.longtail_report(-1, "valid")
+            return (BestEpochSelector(self, selection).score(),
+                    BestEpochSelector(self, keep).score() if keep is not None else None)
+
+        _, floor = score(None)
+        scores: dict[str, dict[str, Any]] = {}
+        best, best_score = None, None
+        for setting in grid_settings(cfg.tail_slots_grid):
+            value, kept = score(setting)
+            allowed = keep is None or (kept is not None and floor is not None and kept >= floor - 1e-9)
+            scores[describe(setting)] = {"slots": setting, "score": value, "keep": kept, "allowed": allowed}
+            logger.info(f"[lotcrs] tail slots {describe(setting)} on validation: {selection.metric} "
+                        f"{'n/a' if value is None else f'{value:.4f}'}"
+                        + (f", {keep.metric} {kept:.4f} ({'kept' if allowed else 'lowered'})"
+                           if keep is not None and kept is not None else ""))
+            if allowed and value is not None and (best_score is None or value > best_score + 1e-12):
+                best, best_score = setting, value
+        self.evaluator.reset_metrics()
+        self.model.train(was)
+        voter.tail_slots = {c: n for c, n in best.items()} if best and any(best.values()) else None
+        self.tail_slots_selection = {"metric": selection.metric, "keep": keep.metric if keep else "",
+                                     "keep_without_slots": floor, "scores": scores, "slots": voter.tail_slots}
+        logger.info(f"[lotcrs] tail slots chosen on validation: {describe(voter.tail_slots)}"
+                    + (f" ({keep.metric} without slots {floor:.4f})" if keep is not None and floor is not None else ""))
 
     # -- 3. the label-smoothness teacher
 
@@ -586,15 +714,16 @@ class LOTCRSSystem(BaseSystem):
             ranking = self.model.rank_items(batch.tokens, targets, TOP_K, self.cfg.eval_chunk_elements)
         ce = ranking.cross_entropy("sum")
         self.evaluator.optim_metrics.add("rec_loss", AverageMetric(float(ce), len(batch)))
-        ranks = ranking.top_ids.cpu()
-        labels = targets.cpu()
-        unmentioned = ~batch.mentioned.cpu()
+        self._evaluate_lists(ranking.top_ids.cpu(), targets.cpu(), ~batch.mentioned.cpu())
+        return {"rec_loss": ce.detach() / len(batch)}
+
+    def _evaluate_lists(self, ranks: torch.Tensor, labels: torch.Tensor, unmentioned: torch.Tensor) -> None:
+        """Top lists to the evaluator: all samples, and the subset ``unmentioned``."""
         if hasattr(self.evaluator, "rec_evaluate_batch"):
             self.evaluator.rec_evaluate_batch(ranks, labels, subsets={SUBSET_UNMENTIONED: unmentioned})
         else:  # CRSLab's own evaluators take one sample at a time
             for r, y in zip(ranks.tolist(), labels.tolist()):
                 self.evaluator.rec_evaluate(r, y)
-        return {"rec_loss": ce.detach() / len(batch)}
 
     def _train_step(self, batch, scale: float = 1.0) -> dict[str, torch.Tensor]:
         model = self.ddp if self.ddp is not None else self.model
@@ -722,6 +851,7 @@ class LOTCRSSystem(BaseSystem):
                 self._sync_store_at_test = False
                 self.refresh_store()
             self.choose_knn_weight()
+            self.choose_tail_slots()
         self.evaluate("test")
         self._sync_store_at_test = False
 
@@ -771,9 +901,10 @@ class LOTCRSSystem(BaseSystem):
             if self.retrieval_cfg.knn_on and dist.is_main:  # only process 0 tests: the vote is its own
                 self.build_knn()
         elif self.retrieval_cfg.knn_on and dist.is_main:
-            if (self.run_dir / "knn" / "knn.json").is_file():
+            manifest = self.run_dir / "knn" / "knn.json"
+            if manifest.is_file() and KnnVoter.read_manifest(manifest.parent)["source"] == self.knn_source():
                 self.load_knn(self.run_dir / "knn")
-            else:  # a run trained without the vote: it is added now, from the same source
+            else:  # a run trained without the vote, or a vote of another encoder: built now
                 self.build_knn()
         if self.smoothing_cfg.enabled:
             if dist.is_main:  # process 0 trains the teacher and caches its scores; the others load them
@@ -924,6 +1055,8 @@ class LOTCRSSystem(BaseSystem):
                           "best_score": self.best_score, "epochs_run": self.epoch, "early_stopped": self.stopped},
             "knn": getattr(self, "knn_selection", None) or (
                 {"weight": self.model.knn.weight} if self.model.knn is not None else None),
+            "tail_slots": getattr(self, "tail_slots_selection", None) or (
+                {"slots": self.model.knn.tail_slots} if self.model.knn is not None else None),
             "history": self.history, "timings": self.timings, "config": asdict(self.cfg),
             "test": report,
         }
