@@ -105,3 +105,22 @@ def test_pipeline_chooses_the_weight_on_validation_and_restores_it(plugin, backb
     assert [r["mode"] for r in result.reports if r.get("longtail")].count("test") == 1
     again = run(opt, restore_system=True)
     assert again.test["longtail"]["metrics"] == result.test["longtail"]["metrics"]
+
+
+def test_weight_choice_scores_equal_full_validation_passes(plugin, backbone_paths):
+    """The choice scores each weight from one model pass (model.score_parts); a full validation
+    pass with that weight gives the same score."""
+    from lotcrs_plugin.system.selection import BestEpochSelector, SelectionConfig
+
+    opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False)
+    opt["retrieval"].update(knn_weight="auto", knn_grid=[0, 0.5, 3], knn_k=8, knn_metric="recall@10+ndcg@50")
+    system = _system(opt)
+    voter = system.build_knn()
+    system.choose_knn_weight()
+    chosen = system.knn_selection["scores"]
+    selection = SelectionConfig.from_dict({"metric": "recall@10+ndcg@50", "mode": "max"})
+    for weight, score in chosen.items():
+        voter.weight = weight
+        system.evaluate("valid")
+        assert BestEpochSelector(system, selection).score() == pytest.approx(score, abs=1e-9)
+    assert len(set(round(v, 9) for v in chosen.values())) > 1  # the weights do rank differently

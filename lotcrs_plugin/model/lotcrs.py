@@ -142,6 +142,16 @@ def resolve_backbone_path(name: str, path: Any, vocab: Mapping[str, Any]) -> Any
 # ---- the model -------------------------------------------------------------------------------
 
 @dataclass
+class ScoreParts:
+    """One batch's item scores before the vote's weight (see LOTCRSModel.score_parts)."""
+
+    head: Any                                   # (features, weight, bias) of a linear head, else None
+    logits: torch.Tensor | None                 # (B, N) dense scores when the head is not linear
+    votes: tuple[torch.Tensor, torch.Tensor] | None  # the vote's (ids, p_knn), (B, k) each
+    tail: bool                                  # the vote's tail ranking is wanted (tail slots)
+
+
+@dataclass
 class ModelOutput:
     """logits: (B, N) item scores. query: (B, H) the context representation (None when retrieval
     is off). mask_states: (B, H) the backbone's state at the mask, before fusion. retrieved: the
@@ -312,6 +322,12 @@ class LOTCRSModel(nn.Module):
         slots are on (or ``tail``), the vote's (B, k) tail ranking that fills them."""
         if self.ranker is not None:
             return self.ranker.rank(batch, targets, k, max_elements), None
+        return self.rank_scored(self.score_parts(batch, tail=tail), targets, k, max_elements)
+
+    def score_parts(self, batch: TokenBatch, *, tail: bool | None = None) -> "ScoreParts":
+        """What ranking a batch needs, before the vote's weight is applied: the linear head
+        (features, weight, bias) or the dense logits, and the vote (when it scores or fills
+        tail slots). The weight and the slots can then be tried without running the model again."""
         hidden = self.backbone.encode(batch)
         fused = states = self.at_mask(hidden, batch)
         if self.uses_retrieval:
@@ -321,19 +337,24 @@ class LOTCRSModel(nn.Module):
         head = self.backbone.item_head(fused)
         if tail is None:
             tail = bool(self.knn is not None and self.knn.tail_slots and any(self.knn.tail_slots.values()))
-        tail = tail and self.knn is not None and self.tail_items is not None
+        tail = bool(tail and self.knn is not None and self.tail_items is not None)
         votes = self.knn.votes(batch) if self.knn is not None and (self.knn.weight > 0 or tail) else None
+        logits = self.backbone.item_logits(fused).float() if head is None else None
+        return ScoreParts(head, logits, votes, tail)
+
+    def rank_scored(self, parts: "ScoreParts", targets: torch.Tensor | None, k: int,
+                    max_elements: int) -> tuple[Ranking, torch.Tensor | None]:
+        """:meth:`rank_parts` from :meth:`score_parts`, with the vote's current weight."""
+        head, logits, votes = parts.head, parts.logits, parts.votes
+        weight = self.knn.weight if self.knn is not None else 0.0
         bonus = None
-        if votes is not None and self.knn.weight > 0:
-            bonus = (votes[0], knn_bonus(votes[1], self.knn.n_items, self.knn.weight))
-        logits = None
+        if votes is not None and weight > 0:
+            bonus = (votes[0], knn_bonus(votes[1], self.knn.n_items, weight))
         if head is None:  # a head that is not one linear map: rank its dense scores
-            logits = self.backbone.item_logits(fused).float()
-            ranking = rank_dense(_add_sparse(logits.clone() if tail else logits, bonus), k, targets=targets,
-                                 max_elements=max_elements)
+            ranking = rank_dense(_add_sparse(logits.clone(), bonus), k, targets=targets, max_elements=max_elements)
         else:
             ranking = rank_linear(*head, k, targets=targets, max_elements=max_elements, bonus=bonus)
-        if not tail:
+        if not parts.tail:
             return ranking, None
         # the tail ranking: log(1 + N p_knn) + a * logit over tail items (head items pushed below)
         m = min(len(self.items), k)  # enough candidates for every slot after skipping the model's items
@@ -343,10 +364,9 @@ class LOTCRSModel(nn.Module):
         if head is None:
             tail_rank = rank_dense(_add_sparse(a * logits + not_tail, vote), m, max_elements=max_elements)
         else:
-            query, weight, bias = head
+            query, w, bias = head
             bias = not_tail if bias is None else a * bias.float() + not_tail
-            tail_rank = rank_linear(a * query, weight, bias.to(query.dtype), m, max_elements=max_elements,
-                                    bonus=vote)
+            tail_rank = rank_linear(a * query, w, bias.to(query.dtype), m, max_elements=max_elements, bonus=vote)
         return ranking, tail_rank.top_ids
 
     def teacher_copy(self) -> "LOTCRSModel":

@@ -522,12 +522,18 @@ class LOTCRSSystem(BaseSystem):
         scorer = BestEpochSelector(self, selection)
         was = self.model.training
         self.model.eval()
+        voter.weight = max(cfg.knn_grid)  # > 0 unless the grid is all 0: the votes are computed once
+        parts = self._valid_score_parts(tail=None)
         scores: dict[float, float | None] = {}
         for weight in sorted(cfg.knn_grid):
             voter.weight = weight
             self.evaluator.reset_metrics()
-            for batch in self.batches(self.data("valid"), train=False):
-                self.step(batch, "rec", "valid")
+            for scored, targets, unmentioned in parts:
+                with self._autocast():
+                    ranking, tail_top = self.model.rank_scored(scored, targets, TOP_K, self.cfg.eval_chunk_elements)
+                if tail_top is not None:
+                    ranking = with_tail_slots(ranking, tail_top, voter.tail_slots, targets)
+                self._evaluate_ranking(ranking, targets, unmentioned)
             if hasattr(self.evaluator, "longtail_report"):
                 self.evaluator.last_report = self.evaluator.longtail_report(-1, "valid")
             scores[weight] = scorer.score()
@@ -545,6 +551,17 @@ class LOTCRSSystem(BaseSystem):
         self.knn_selection = {"metric": selection.metric, "scores": scores, "weight": best}
         logger.info(f"[lotcrs] kNN weight chosen on validation ({selection.metric}): {best} of "
                     + ", ".join(f"{w:g}: {'n/a' if v is None else f'{v:.4f}'}" for w, v in scores.items()))
+
+    @torch.no_grad()
+    def _valid_score_parts(self, tail: bool | None) -> list[tuple[Any, torch.Tensor, torch.Tensor]]:
+        """(score parts, targets, unmentioned) of every validation batch: the model and the vote
+        run once, the weights and slots under choice are applied to them (model.rank_scored)."""
+        out = []
+        for batch in self.batches(self.data("valid"), train=False):
+            batch = batch.to(self.device)
+            with self._autocast():
+                out.append((self.model.score_parts(batch.tokens, tail=tail), batch.targets, ~batch.mentioned))
+        return out
 
     @torch.no_grad()
     def choose_tail_slots(self) -> None:
@@ -566,12 +583,10 @@ class LOTCRSSystem(BaseSystem):
         was = self.model.training
         self.model.eval()
         parts = []
-        for batch in self.batches(self.data("valid"), train=False):
-            batch = batch.to(self.device)
+        for scored, targets, unmentioned in self._valid_score_parts(tail=True):
             with self._autocast():
-                ranking, tail_top = self.model.rank_parts(batch.tokens, batch.targets, TOP_K,
-                                                          self.cfg.eval_chunk_elements, tail=True)
-            parts.append((ranking, tail_top, batch.targets, ~batch.mentioned))
+                ranking, tail_top = self.model.rank_scored(scored, targets, TOP_K, self.cfg.eval_chunk_elements)
+            parts.append((ranking, tail_top, targets, unmentioned))
 
         def score(setting: dict[int, int] | None) -> tuple[float | None, float | None]:
             self.evaluator.reset_metrics()
@@ -712,10 +727,15 @@ class LOTCRSSystem(BaseSystem):
         with torch.no_grad(), self._autocast():
             # item chunks of at most eval_chunk_elements scores: no (B, N) matrix for large catalogs
             ranking = self.model.rank_items(batch.tokens, targets, TOP_K, self.cfg.eval_chunk_elements)
-        ce = ranking.cross_entropy("sum")
-        self.evaluator.optim_metrics.add("rec_loss", AverageMetric(float(ce), len(batch)))
-        self._evaluate_lists(ranking.top_ids.cpu(), targets.cpu(), ~batch.mentioned.cpu())
+        ce = self._evaluate_ranking(ranking, targets, ~batch.mentioned)
         return {"rec_loss": ce.detach() / len(batch)}
+
+    def _evaluate_ranking(self, ranking: Any, targets: torch.Tensor, unmentioned: torch.Tensor) -> torch.Tensor:
+        """A batch's ranking to the evaluator (its lists, and the cross-entropy as rec_loss)."""
+        ce = ranking.cross_entropy("sum")
+        self.evaluator.optim_metrics.add("rec_loss", AverageMetric(float(ce), int(targets.shape[0])))
+        self._evaluate_lists(ranking.top_ids.cpu(), targets.cpu(), unmentioned.cpu())
+        return ce
 
     def _evaluate_lists(self, ranks: torch.Tensor, labels: torch.Tensor, unmentioned: torch.Tensor) -> None:
         """Top lists to the evaluator: all samples, and the subset ``unmentioned``."""
