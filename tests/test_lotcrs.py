@@ -238,6 +238,17 @@ def test_recommend_scores_a_dialog_as_its_sample(bert_system):
     with torch.no_grad():
         logits = system.model(test[np.array([0])].tokens).logits[0]
     assert top == logits.topk(10).indices.tolist() and len(set(top)) == 10
+    # with the vote's tail slots, the interactive list is the test list
+    opt_knn = system.retrieval_cfg
+    from dataclasses import replace
+    system.retrieval_cfg = system.model.retrieval_cfg = replace(opt_knn, knn_k=8)
+    system.model.tail_items = torch.as_tensor(system.evaluator.catalog.is_tail)
+    system.build_knn().tail_slots = {10: 4}
+    top = system.recommend(dialog[:cut - first], k=10)
+    with torch.no_grad():
+        listed = system.model.rank_items(test[np.array([0])].tokens, None, 50, 1 << 20).top_ids[0, :10].tolist()
+    assert top == listed and top[:6] == logits.topk(6).indices.tolist() and top[6:] != logits.topk(10).indices.tolist()[6:]
+    assert all(system.model.tail_items[i] for i in top[6:])
 
 
 def test_label_smoothness_pulls_the_student_towards_the_teacher(bert_system):

@@ -1089,7 +1089,8 @@ class LOTCRSSystem(BaseSystem):
 
     def recommend(self, turns: Iterable[Mapping[str, Any]], k: int = 10) -> list[int]:
         """Catalog positions of the k best items after a dialog's turns (the layout's turn format:
-        role, raw_text, movies, entity), scored as a recommendation sample is."""
+        role, raw_text, movies, entity), ranked as a test sample is (the vote and its tail slots
+        included)."""
         from lotcrs_plugin.data.finetune_samples import RecIndex
 
         bb = self.model.backbone
@@ -1100,9 +1101,10 @@ class LOTCRSSystem(BaseSystem):
         was = self.model.training
         self.model.eval()
         with torch.no_grad(), self._autocast():
-            logits = self.model(batch.to(self.device).tokens).logits[0].float()
+            ranking = self.model.rank_items(batch.to(self.device).tokens, None, max(k, TOP_K),
+                                            self.cfg.eval_chunk_elements)
         self.model.train(was)
-        return logits.topk(min(k, logits.shape[0])).indices.tolist()
+        return ranking.top_ids[0, :k].tolist()
 
     def interact(self) -> None:
         """A console dialog: each message (items named by their title) gets the top item and four more."""
