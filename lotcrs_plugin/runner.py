@@ -127,16 +127,34 @@ def run(
         dist.close()
 
 
+def reserve_run_name(layout: Any, base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``, ...: the first name whose log file this process creates
+    (exclusively) and whose results file does not exist yet. Two runs started in the same second
+    (the default name has one-second resolution) thus never share, or overwrite, a log or results file."""
+    layout.log.mkdir(parents=True, exist_ok=True)
+    results_dir = layout.root / "results"
+    for n in range(1, 10_000):
+        candidate = base if n == 1 else f"{base}-{n}"
+        if (results_dir / f"{candidate}.json").exists():
+            continue
+        try:
+            os.close(os.open(layout.log / f"{candidate}.log", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue
+        return candidate
+    raise UserError(f"{layout.log}: 10,000 runs named {base}; give another log_name")
+
+
 def _run(opt: dict, crs_config: Any, source: str, layout: Any, dist: Any, started: float, *, save_system: bool,
          restore_system: bool, interact: bool, tensorboard: bool, debug: bool, save_data: bool,
          restore_data: bool) -> RunResult:
     name = crs_config.opt["model_name"]
     run_name = opt.get("log_name") or f"{opt['dataset']}_{name}_{time.strftime('%Y-%m-%d-%H-%M-%S')}"
-    log_file = layout.log / f"{run_name}.log"
     sink_id = None
     if dist.is_main:  # the other processes log to their console only
-        layout.log.mkdir(parents=True, exist_ok=True)
-        sink_id = logger.add(str(log_file), level="DEBUG" if debug else "INFO")
+        run_name = reserve_run_name(layout, run_name)
+        sink_id = logger.add(str(layout.log / f"{run_name}.log"), level="DEBUG" if debug else "INFO")
+    log_file = layout.log / f"{run_name}.log"
     try:
         seed_everything(int(opt["seed"]))
         logger.info(f"[lotcrs] config {source}; root {layout.root}")

@@ -104,3 +104,19 @@ def test_demo_run_writes_only_under_the_root(tmp_path):
     assert list(cwd.iterdir()) == []
     assert _snapshot(site) - before == set()
     assert list((home / "results").glob("*.json")) and list((home / "log").glob("*.log"))
+
+
+def test_runs_started_in_the_same_second_keep_their_own_files(monkeypatch):
+    """The default run name has one-second resolution: a second run gets its own log and results
+    file instead of overwriting the first one's."""
+    import lotcrs_plugin.runner as runner
+
+    monkeypatch.setattr(runner.time, "strftime", lambda fmt, *a: "2026-01-01-00-00-00")
+    first = run(load("synthetic_popularity.yaml"))
+    kept = Path(first.results_file).read_text()
+    second = run(load("synthetic_popularity.yaml"))
+    assert Path(first.results_file).name == f"{first.dataset}_{first.model_name}_2026-01-01-00-00-00.json"
+    assert second.results_file != first.results_file and second.log_file != first.log_file
+    assert Path(second.results_file).name.endswith("-00-00-00-2.json")
+    assert Path(first.results_file).read_text() == kept and Path(second.results_file).is_file()
+    assert Path(second.log_file).stat().st_size > 0
