@@ -191,6 +191,14 @@ class FinetuneConfig:
 
 # ---- the system ------------------------------------------------------------------------------
 
+def _maximised(key: str, metric: str) -> SelectionConfig:
+    """The validation score that ``retrieval.<key>`` names, maximised (UserError names the key)."""
+    try:
+        return SelectionConfig.from_dict({"metric": metric, "mode": "max"})
+    except UserError as err:
+        raise UserError(f"retrieval.{key}: {err}") from None
+
+
 def _dataset_folder(opt: Any) -> Path:
     from lotcrs_plugin.system.pretrain import dataset_folder
 
@@ -258,6 +266,7 @@ class LOTCRSSystem(BaseSystem):
         self.optimizer = self.scheduler = None
         self.pretrained_from: str | None = None
         self._knn_export: Path | None = None  # the export of retrieval.knn_pretrain, once known
+        self._knn_pretrain_cfg: Any = None  # lotcrs_pretrain updated by retrieval.knn_pretrain
         self._sync_store_at_test = False
         self.timings: dict[str, float] = {}
         self.dist = distributed.current()  # one process unless torchrun started several
@@ -284,7 +293,7 @@ class LOTCRSSystem(BaseSystem):
             raise UserError(f"retrieval.knn_pretrain.run_name: '{own}' is this run's own pre-training "
                             f"(lotcrs_pretrain.run_name); give the vote's encoder another run name")
         try:
-            pt.PretrainConfig.from_dict({**block, **over})
+            self._knn_pretrain_cfg = pt.PretrainConfig.from_dict({**block, **over})
         except UserError as err:
             raise UserError(f"retrieval.knn_pretrain: {err}") from None
 
@@ -444,10 +453,8 @@ class LOTCRSSystem(BaseSystem):
     def _finished_pretraining(self, overrides: Mapping[str, Any]) -> Path | None:
         """The export of a finished pre-training run with exactly this configuration, else None."""
         from lotcrs_plugin.paths import active_layout
-        from lotcrs_plugin.system import pretrain as pt
 
-        opt = self.opt.opt if hasattr(self.opt, "opt") else self.opt
-        want = asdict(pt.PretrainConfig.from_dict({**(opt.get(pt.BLOCK) or {}), **overrides}))
+        want = asdict(self._knn_pretrain_cfg)  # lotcrs_pretrain updated by the overrides (checked at start)
         summary = active_layout().save / overrides["run_name"] / "pretrain.json"
         try:
             done = json.loads(summary.read_text(encoding="utf-8"))
@@ -512,14 +519,7 @@ class LOTCRSSystem(BaseSystem):
         voter, cfg = self.model.knn, self.retrieval_cfg
         if voter is None or cfg.knn_weight != "auto":
             return
-        if cfg.knn_metric:
-            try:
-                selection = SelectionConfig.from_dict({"metric": cfg.knn_metric, "mode": "max"})
-            except UserError as err:
-                raise UserError(f"retrieval.knn_metric: {err}") from None
-        else:
-            selection = self.selection_cfg
-        scorer = BestEpochSelector(self, selection)
+        selection = _maximised("knn_metric", cfg.knn_metric) if cfg.knn_metric else self.selection_cfg
         was = self.model.training
         self.model.eval()
         voter.weight = max(cfg.knn_grid)  # > 0 unless the grid is all 0: the votes are computed once
@@ -527,16 +527,17 @@ class LOTCRSSystem(BaseSystem):
         scores: dict[float, float | None] = {}
         for weight in sorted(cfg.knn_grid):
             voter.weight = weight
-            self.evaluator.reset_metrics()
-            for scored, targets, unmentioned in parts:
-                with self._autocast():
-                    ranking, tail_top = self.model.rank_scored(scored, targets, TOP_K, self.cfg.eval_chunk_elements)
-                if tail_top is not None:
-                    ranking = with_tail_slots(ranking, tail_top, voter.tail_slots, targets)
-                self._evaluate_ranking(ranking, targets, unmentioned)
-            if hasattr(self.evaluator, "longtail_report"):
-                self.evaluator.last_report = self.evaluator.longtail_report(-1, "valid")
-            scores[weight] = scorer.score()
+
+            def feed() -> None:
+                for scored, targets, unmentioned in parts:
+                    with self._autocast():
+                        ranking, tail_top = self.model.rank_scored(scored, targets, TOP_K,
+                                                                   self.cfg.eval_chunk_elements)
+                    if tail_top is not None:
+                        ranking = with_tail_slots(ranking, tail_top, voter.tail_slots, targets)
+                    self._evaluate_ranking(ranking, targets, unmentioned)
+
+            scores[weight] = self._validation_scores(feed, selection)[0]
             report = getattr(self.evaluator, "last_report", None) or {}
             shown = {k: v for k, v in report.get("metrics", {}).items() if k.split("@")[0] in KNN_SHOWN}
             logger.info(f"[lotcrs] kNN weight {weight:g} on validation: score "
@@ -551,6 +552,15 @@ class LOTCRSSystem(BaseSystem):
         self.knn_selection = {"metric": selection.metric, "scores": scores, "weight": best}
         logger.info(f"[lotcrs] kNN weight chosen on validation ({selection.metric}): {best} of "
                     + ", ".join(f"{w:g}: {'n/a' if v is None else f'{v:.4f}'}" for w, v in scores.items()))
+
+    def _validation_scores(self, feed: Any, *selections: SelectionConfig) -> list[float | None]:
+        """Reset the evaluator, let ``feed()`` give it validation lists, and read each selection
+        score off the report."""
+        self.evaluator.reset_metrics()
+        feed()
+        if hasattr(self.evaluator, "longtail_report"):
+            self.evaluator.last_report = self.evaluator.longtail_report(-1, "valid")
+        return [BestEpochSelector(self, sel).score() for sel in selections]
 
     @torch.no_grad()
     def _valid_score_parts(self, tail: bool | None) -> list[tuple[Any, torch.Tensor, torch.Tensor]]:
@@ -572,14 +582,8 @@ class LOTCRSSystem(BaseSystem):
         voter, cfg = self.model.knn, self.retrieval_cfg
         if voter is None or cfg.tail_slots != "auto":
             return
-        try:
-            selection = SelectionConfig.from_dict({"metric": cfg.tail_slots_metric, "mode": "max"})
-        except UserError as err:
-            raise UserError(f"retrieval.tail_slots_metric: {err}") from None
-        try:
-            keep = SelectionConfig.from_dict({"metric": cfg.tail_slots_keep, "mode": "max"}) if cfg.tail_slots_keep else None
-        except UserError as err:
-            raise UserError(f"retrieval.tail_slots_keep: {err}") from None
+        selection = _maximised("tail_slots_metric", cfg.tail_slots_metric)
+        keep = _maximised("tail_slots_keep", cfg.tail_slots_keep) if cfg.tail_slots_keep else None
         was = self.model.training
         self.model.eval()
         parts = []
@@ -589,14 +593,13 @@ class LOTCRSSystem(BaseSystem):
             parts.append((ranking, tail_top, targets, unmentioned))
 
         def score(setting: dict[int, int] | None) -> tuple[float | None, float | None]:
-            self.evaluator.reset_metrics()
-            for ranking, tail_top, targets, unmentioned in parts:
-                listed = with_tail_slots(ranking, tail_top, setting, targets)
-                self._evaluate_lists(listed.top_ids.cpu(), targets.cpu(), unmentioned.cpu())
-            if hasattr(self.evaluator, "longtail_report"):
-                self.evaluator.last_report = self.evaluator.longtail_report(-1, "valid")
-            return (BestEpochSelector(self, selection).score(),
-                    BestEpochSelector(self, keep).score() if keep is not None else None)
+            def feed() -> None:
+                for ranking, tail_top, targets, unmentioned in parts:
+                    listed = with_tail_slots(ranking, tail_top, setting, targets)
+                    self._evaluate_lists(listed.top_ids.cpu(), targets.cpu(), unmentioned.cpu())
+
+            value, *kept = self._validation_scores(feed, selection, *([keep] if keep is not None else []))
+            return value, kept[0] if kept else None
 
         _, floor = score(None)
         scores: dict[str, dict[str, Any]] = {}
