@@ -311,6 +311,12 @@ def test_resumed_run_continues_from_its_saved_step(plugin, synthetic_bert, lotcr
         assert ka == kb and sa["step"] == sb["step"]
         torch.testing.assert_close(sb["exp_avg"], sa["exp_avg"])
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+    # a finished run resumed again trains no further step (it stopped at max_steps inside an epoch)
+    run(opt(run_name="resumed", max_steps=4, resume=True))
+    c = torch.load(save / "resumed" / "checkpoint.pt", weights_only=False)
+    assert c["step"] == 4 and c["batch_in_epoch"] == 4
+    for key, value in b["model"].items():
+        torch.testing.assert_close(c["model"][key], value, msg=key)
     # the export for fine-tuning, and the test losses in the run's report
     assert (save / "resumed" / "backbone" / "lotcrs_backbone.json").is_file()
     for result in (straight, first, second):

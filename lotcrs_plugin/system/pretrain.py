@@ -488,6 +488,9 @@ class LOTCRSPretrainSystem(BaseSystem):
 
         cfg, acc, dist = self.cfg, self.cfg.grad_accumulation, self.dist
         processes = f", {dist.world} processes" if dist.active else ""
+        if cfg.max_steps and self.global_step >= cfg.max_steps:  # a finished run, resumed: not one step more
+            logger.info(f"[pretrain] {self.run_name}: already at max_steps {cfg.max_steps}; nothing to train")
+            return
         logger.info(f"[pretrain] {self.run_name}: {self.steps_per_epoch()} steps per epoch, {cfg.epochs} epochs, "
                     f"effective batch {cfg.batch_size * acc}{processes}, device {self.device}, bf16 {self.autocast}")
         while self.epoch < cfg.epochs:
