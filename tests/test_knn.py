@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.evaluator.ranking import rank_linear
+from lotcrs_plugin.evaluator.ranking import rank_dense, rank_linear
 from lotcrs_plugin.model.knn import aggregate_votes, knn_bonus
 from lotcrs_plugin.model.retrieval import RetrievalConfig
 
@@ -46,6 +46,12 @@ def test_ranking_with_a_bonus_equals_the_dense_ranking(max_elements):
     expect_rank = (order == targets[:, None]).float().argmax(1)
     assert torch.equal(ranking.target_rank, expect_rank)
     torch.testing.assert_close(ranking.logsumexp, torch.logsumexp(dense, 1), rtol=1e-5, atol=1e-5)
+    # the dense ranker takes the same bonus, and leaves its score matrix as it was
+    plain = query @ weight.T + bias
+    kept = plain.clone()
+    from_dense = rank_dense(plain, 10, targets=targets, max_elements=max_elements, bonus=(ids, bonus))
+    assert torch.equal(plain, kept)
+    assert torch.equal(from_dense.top_ids, order[:, :10]) and torch.equal(from_dense.target_rank, expect_rank)
 
 
 def test_config_keys_are_validated():

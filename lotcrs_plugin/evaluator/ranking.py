@@ -173,10 +173,36 @@ def _chunk_top(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return v, i.gather(1, order)
 
 
+Bonus = tuple[torch.Tensor, torch.Tensor]  # (ids, values), both (B, m): values[b, j] added to item ids[b, j]
+
+
+class _SparseBonus:
+    """A sparse term added to the scores: ``values[b, j]`` to item ``ids[b, j]`` (-1: none; ids
+    distinct per row), e.g. the kNN vote (lotcrs_plugin.model.knn)."""
+
+    def __init__(self, bonus: Bonus):
+        self.ids = bonus[0]
+        values = bonus[1].float()
+        self.values = torch.where(self.ids >= 0, values, torch.zeros_like(values))
+
+    def add(self, block: torch.Tensor, r0: int, r1: int, lo: int) -> torch.Tensor:
+        """The (r1 - r0, items from lo) score block with the bonus of its rows and items added."""
+        ids, values = self.ids[r0:r1], self.values[r0:r1]
+        inside = (ids >= lo) & (ids < lo + block.shape[1])
+        block = block.float()
+        block.scatter_add_(1, torch.where(inside, ids - lo, torch.zeros_like(ids)),
+                           torch.where(inside, values, torch.zeros_like(values)))
+        return block
+
+    def at(self, targets: torch.Tensor) -> torch.Tensor:
+        """(B,) the bonus of each row's target."""
+        return torch.where(self.ids == targets[:, None], self.values, torch.zeros_like(self.values)).sum(1)
+
+
 def rank_linear(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, *,
                 targets: torch.Tensor | None = None, max_elements: int = DEFAULT_MAX_ELEMENTS,
                 on_block: Callable[[tuple[int, int]], None] | None = None,
-                bonus: tuple[torch.Tensor, torch.Tensor] | None = None) -> Ranking:
+                bonus: Bonus | None = None) -> Ranking:
     """Rank the items of a linear scorer: scores = query (B, H) @ weight (N, H).T + bias (N,),
     never more than ``max_elements`` scores at once (see :func:`rank_chunked`). Runs under the
     caller's autocast, as the dense ``F.linear`` would. ``bonus`` = (ids, values), both (B, m):
@@ -185,21 +211,11 @@ def rank_linear(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if query.ndim != 2 or weight.ndim != 2 or query.shape[1] != weight.shape[1]:
         raise ValueError(f"rank_linear: query (B, H) and weight (N, H) expected, got {tuple(query.shape)} "
                          f"and {tuple(weight.shape)}")
-
-    if bonus is not None:
-        bonus_ids, bonus_values = bonus[0], bonus[1].float()
-        bonus_values = torch.where(bonus_ids >= 0, bonus_values, torch.zeros_like(bonus_values))
+    sparse = _SparseBonus(bonus) if bonus is not None else None
 
     def score(r0: int, r1: int, lo: int, hi: int) -> torch.Tensor:
         block = F.linear(query[r0:r1], weight[lo:hi], None if bias is None else bias[lo:hi])
-        if bonus is None:
-            return block
-        ids = bonus_ids[r0:r1]
-        inside = (ids >= lo) & (ids < hi)
-        block = block.float()
-        block.scatter_add_(1, torch.where(inside, ids - lo, torch.zeros_like(ids)),
-                           torch.where(inside, bonus_values[r0:r1], torch.zeros_like(bonus_values[r0:r1])))
-        return block
+        return block if sparse is None else sparse.add(block, r0, r1, lo)
 
     target_scores = None
     if targets is not None:
@@ -209,23 +225,30 @@ def rank_linear(query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         target_scores = torch.bmm(query[:, None, :], weight[t][:, :, None]).reshape(-1)
         if bias is not None:
             target_scores = target_scores + bias[t].to(target_scores.dtype)
-        if bonus is not None:
-            target_scores = target_scores.float() + torch.where(bonus_ids == t[:, None], bonus_values,
-                                                                torch.zeros_like(bonus_values)).sum(1)
+        if sparse is not None:
+            target_scores = target_scores.float() + sparse.at(t)
     return rank_chunked(score, query.shape[0], weight.shape[0], k, targets=targets, target_scores=target_scores,
                         max_elements=max_elements, device=query.device, on_block=on_block)
 
 
 def rank_dense(scores: torch.Tensor, k: int, *, targets: torch.Tensor | None = None,
-               max_elements: int = DEFAULT_MAX_ELEMENTS) -> Ranking:
-    """The same ranking of an already computed (B, N) score matrix (temporaries stay bounded)."""
+               max_elements: int = DEFAULT_MAX_ELEMENTS, bonus: Bonus | None = None) -> Ranking:
+    """The same ranking of an already computed (B, N) score matrix (temporaries stay bounded),
+    with the sparse ``bonus`` of :func:`rank_linear` added block by block (``scores`` unchanged)."""
+    sparse = _SparseBonus(bonus) if bonus is not None else None
+
+    def score(r0: int, r1: int, lo: int, hi: int) -> torch.Tensor:
+        block = scores[r0:r1, lo:hi]
+        return block if sparse is None else sparse.add(block.clone(), r0, r1, lo)
+
     target_scores = None
     if targets is not None:
         t = targets.to(scores.device).long()
         target_scores = scores.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
-    return rank_chunked(lambda r0, r1, lo, hi: scores[r0:r1, lo:hi], scores.shape[0], scores.shape[1], k,
-                        targets=targets, target_scores=target_scores, max_elements=max_elements,
-                        device=scores.device)
+        if sparse is not None:
+            target_scores = target_scores.float() + sparse.at(t.clamp(min=0))
+    return rank_chunked(score, scores.shape[0], scores.shape[1], k, targets=targets, target_scores=target_scores,
+                        max_elements=max_elements, device=scores.device)
 
 
 __all__ = ["DEFAULT_MAX_ELEMENTS", "Ranking", "block_shape", "rank_chunked", "rank_dense", "rank_linear"]

@@ -163,15 +163,6 @@ class ModelOutput:
     retrieved: RetrievalResult | None
 
 
-def _add_sparse(scores: torch.Tensor, sparse: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """scores (B, N) plus a sparse (ids, values) term (ids -1: none), in place."""
-    if sparse is not None:
-        ids, values = sparse
-        scores.scatter_add_(1, ids.clamp(min=0), torch.where(ids >= 0, values.to(scores.dtype),
-                                                             torch.zeros_like(values, dtype=scores.dtype)))
-    return scores
-
-
 def with_tail_slots(ranking: Ranking, tail_top: torch.Tensor, slots: Mapping[int, int] | None,
                     targets: torch.Tensor | None) -> Ranking:
     """The model's ranking with ``slots`` places filled from the vote's tail ranking ``tail_top``
@@ -351,7 +342,7 @@ class LOTCRSModel(nn.Module):
         if votes is not None and weight > 0:
             bonus = (votes[0], knn_bonus(votes[1], self.knn.n_items, weight))
         if head is None:  # a head that is not one linear map: rank its dense scores
-            ranking = rank_dense(_add_sparse(logits.clone(), bonus), k, targets=targets, max_elements=max_elements)
+            ranking = rank_dense(logits, k, targets=targets, max_elements=max_elements, bonus=bonus)
         else:
             ranking = rank_linear(*head, k, targets=targets, max_elements=max_elements, bonus=bonus)
         if not parts.tail:
@@ -362,7 +353,7 @@ class LOTCRSModel(nn.Module):
         not_tail = torch.where(self.tail_items.to(ranking.top_ids.device), 0.0, NOT_TAIL)
         vote = (votes[0], knn_bonus(votes[1], self.knn.n_items, 1.0))
         if head is None:
-            tail_rank = rank_dense(_add_sparse(a * logits + not_tail, vote), m, max_elements=max_elements)
+            tail_rank = rank_dense(a * logits + not_tail, m, max_elements=max_elements, bonus=vote)
         else:
             query, w, bias = head
             bias = not_tail if bias is None else a * bias.float() + not_tail
