@@ -601,11 +601,12 @@ class LOTCRSSystem(BaseSystem):
             value, *kept = self._validation_scores(feed, selection, *([keep] if keep is not None else []))
             return value, kept[0] if kept else None
 
-        _, floor = score(None)
+        without = score(None)
+        floor = without[1]
         scores: dict[str, dict[str, Any]] = {}
         best, best_score = None, None
         for setting in grid_settings(cfg.tail_slots_grid):
-            value, kept = score(setting)
+            value, kept = score(setting) if any(setting.values()) else without  # all zero: the lists without slots
             allowed = keep is None or (kept is not None and floor is not None and kept >= floor - 1e-9)
             scores[describe(setting)] = {"slots": setting, "score": value, "keep": kept, "allowed": allowed}
             logger.info(f"[lotcrs] tail slots {describe(setting)} on validation: {selection.metric} "
