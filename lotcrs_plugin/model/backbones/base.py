@@ -231,6 +231,11 @@ class Backbone(nn.Module):
         """(N,) the vocabulary ids of the item tokens (a contiguous block)."""
         return torch.arange(self.first_item_id, self.first_item_id + self.n_items)
 
+    def item_input_embeddings(self) -> torch.Tensor:
+        """(N, H) the item tokens' rows of the input embedding table (a view: it trains with it)."""
+        lo = self.first_item_id
+        return self._vocabularies()[0].embeddings().weight[lo:lo + self.n_items]
+
     @staticmethod
     def item_token(index: int) -> str:
         return ITEM_TOKEN.format(index)
