@@ -202,8 +202,10 @@ def validate(opt: dict, where: str = "config") -> dict:
         raise UserError(f"{where}: no model given; set 'model' (or rec_model/conv_model/policy_model)")
     model_defaults = MODEL_DEFAULTS.get(opt.get("model"), {})
     if "tokenize" not in opt and "tokenize" not in model_defaults:
+        close = difflib.get_close_matches(str(opt.get("model")), list(MODEL_DEFAULTS), n=1)
+        hint = f"; or did you mean model: {close[0]}?" if close else ""
         raise UserError(f"{where}: key 'tokenize' is missing (e.g. tokenize: nltk; the models "
-                        f"{', '.join(BACKBONE_MODELS)} need none)")
+                        f"{', '.join(MODEL_DEFAULTS)} need none){hint}")
     tokenize = opt.get("tokenize", model_defaults.get("tokenize"))
     if not opt.get("model"):
         # CRSLab's split systems read vocab[stage] for each stage model: tokenize must name each

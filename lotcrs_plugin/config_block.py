@@ -22,8 +22,8 @@ def typed_values(cls: type, d: Mapping[str, Any] | None,
     for key in d:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"unknown key '{key}'{hint}; known keys: {', '.join(known)}")
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}{hint}")
     defaults = cls()
     for key, value in d.items():
         if special and key in special:

@@ -14,6 +14,7 @@ merges; :mod:`lotcrs_plugin.config` validates the result.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ def _construct_unset(loader: yaml.SafeLoader, node: yaml.Node) -> _Unset:
 
 
 _Loader.add_constructor("!unset", _construct_unset)
+# YAML 1.2 reads 1e-4 as a number; PyYAML (YAML 1.1) would read it as a string, so that
+# `lr: 1e-4` or `--set lotcrs.lr=1e-4` failed the type check
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 @dataclass

@@ -13,6 +13,7 @@ first, then read by the others.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -156,6 +157,7 @@ def _run(opt: dict, crs_config: Any, loaded: run_config.LoadedConfig, layout: An
          restore_system: bool, interact: bool, tensorboard: bool, debug: bool, save_data: bool,
          restore_data: bool) -> RunResult:
     name = crs_config.opt["model_name"]
+    recorded = copy.deepcopy(opt)  # as it was read: CRSLab's systems pop keys from its blocks (optimizer name)
     run_name = opt.get("log_name") or f"{opt['dataset']}_{name}_{time.strftime('%Y-%m-%d-%H-%M-%S')}"
     sink_id = None
     if dist.is_main:  # the other processes log to their console only
@@ -173,7 +175,7 @@ def _run(opt: dict, crs_config: Any, loaded: run_config.LoadedConfig, layout: An
             raise UserError(f"model {name} trains in one process; several processes (torchrun, --nproc) are for "
                             f"the LOT-CRS systems (model: LOTCRS or LOTCRSPretrain)")
         result = RunResult(dataset=opt["dataset"], model_name=name, log_file=str(log_file) if dist.is_main else "",
-                           model_file=str(getattr(system, "model_file", "")), config=opt,
+                           model_file=str(getattr(system, "model_file", "")), config=recorded,
                            config_files=loaded.files, overrides=loaded.overrides)
         if interact:
             system.interact()
