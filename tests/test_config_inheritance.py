@@ -258,3 +258,5 @@ def test_every_shipped_config_loads_with_its_bases():
     for path in files:
         loaded = run_config.load(str(path))
         assert loaded.opt.get("dataset"), path
+        if path.parent.name.endswith("_ablations") or path.stem.endswith("_cpu") or "_samples_" in path.stem:
+            assert len(loaded.files) > 1, f"{path} should name its base and the keys it changes"
