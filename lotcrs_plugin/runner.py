@@ -110,6 +110,8 @@ def run(
     started = time.perf_counter()
     loaded = run_config.load(DEMO_CONFIG if config is None else config, overrides)
     opt, source = loaded.opt, loaded.source
+    if loaded.overrides:  # the checks below may be about a key that an override set
+        source = f"{source} with " + " ".join(f"--set {o}" for o in loaded.overrides)
     if seed is not None:
         opt["seed"] = seed
 
