@@ -147,3 +147,13 @@ def test_the_command_prints_one_line_and_exits_2_without_loading(broken_root, tm
     assert out.stderr.strip() == (f"crslab run: error: {config}: key 'backbone': unknown backbone 'bret' "
                                   f"(did you mean 'bert'?); valid: bart, bert, unicrs")
     assert "data load" not in out.stdout + out.stderr
+
+
+def test_a_bad_value_from_set_is_reported_early_naming_the_override(warm, tmp_path):
+    config = tmp_path / "good.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in GOOD.items()))
+    started = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        run(str(config), overrides=["backbone=bret"], output_root=str(warm))
+    assert time.perf_counter() - started < 2.0
+    assert str(err.value).startswith(f"{config} with --set backbone=bret: key 'backbone': unknown backbone 'bret'")
