@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import fields
 from typing import Any, Callable, Mapping
 
@@ -20,7 +21,9 @@ def typed_values(cls: type, d: Mapping[str, Any] | None,
     known = [f.name for f in fields(cls)]
     for key in d:
         if key not in known:
-            raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}{hint}")
     defaults = cls()
     for key, value in d.items():
         if special and key in special:

@@ -3,7 +3,8 @@
 Differences from ``crslab.quick_start.run_crslab``: the config is validated first; datasets,
 checkpoints and logs go under the user's root; the caller's loguru sinks are left alone (one
 file sink is added for the run and removed after); the test metrics of every stage are
-returned and written to ``<root>/results/<run>.json``.
+returned and written to ``<root>/results/<run>.json``, with the merged config that ran and
+the files it was merged from (a config's ``base:`` chain) and its ``--set`` overrides.
 
 Started by torchrun with several processes (lotcrs_plugin.system.distributed), process 0 alone
 writes the log file, the results file and a saved system; the dataset is prepared by process 0
@@ -12,13 +13,14 @@ first, then read by the others.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from loguru import logger
 
@@ -38,6 +40,9 @@ class RunResult:
     test: dict[str, dict[str, float]] = field(default_factory=dict)
     reports: list[dict[str, Any]] = field(default_factory=list)
     selection: dict[str, Any] = field(default_factory=dict)  # the tested epoch of the rec stage
+    config: dict[str, Any] = field(default_factory=dict)  # the merged, validated config that ran
+    config_files: list[str] = field(default_factory=list)  # the config file, then its bases
+    overrides: list[str] = field(default_factory=list)  # the --set expressions, in order
     log_file: str = ""
     results_file: str = ""
     model_file: str = ""
@@ -93,16 +98,20 @@ def run(
     save_data: bool = False,
     restore_data: bool = False,
     dist_backend: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> RunResult:
-    """Train and test the system a config describes (CRSLab's or the plugin's). dist_backend:
+    """Train and test the system a config describes (CRSLab's or the plugin's). overrides:
+    ``--set`` expressions (``lotcrs.epochs=5``) applied after the config's files. dist_backend:
     torch.distributed's backend when torchrun started several processes (over the config's
-    ``distributed.backend``)."""
+    ``distributed.backend``).
+
+    Every check that needs no data (keys, types, names, the backbone and its path) runs before
+    the dataset is loaded."""
     started = time.perf_counter()
-    source = str(config) if config is not None and not isinstance(config, dict) else "<dict>"
-    if config is None:
-        config, source = DEMO_CONFIG, str(DEMO_CONFIG)
-    opt = run_config.read_yaml(config) if not isinstance(config, dict) else dict(config)
-    opt = run_config.validate(opt, where=source)
+    loaded = run_config.load(DEMO_CONFIG if config is None else config, overrides)
+    opt, source = loaded.opt, loaded.source
+    if loaded.overrides:  # the checks below may be about a key that an override set
+        source = f"{source} with " + " ".join(f"--set {o}" for o in loaded.overrides)
     if seed is not None:
         opt["seed"] = seed
 
@@ -113,6 +122,7 @@ def run(
 
     layout = paths.active_layout()
     run_config.check_names(opt, where=source)
+    run_config.check_backbone(opt, where=source)
     crs_config = run_config.to_crslab_config(opt, gpu)
     from lotcrs_plugin.system import distributed
 
@@ -120,7 +130,7 @@ def run(
         raise UserError("--interact talks to one process; run it without torchrun / --nproc")
     dist = distributed.setup(opt.get("distributed"), crs_config.opt, backend=dist_backend)
     try:
-        return _run(opt, crs_config, source, layout, dist, started, save_system=save_system,
+        return _run(opt, crs_config, loaded, layout, dist, started, save_system=save_system,
                     restore_system=restore_system, interact=interact, tensorboard=tensorboard, debug=debug,
                     save_data=save_data, restore_data=restore_data)
     finally:
@@ -145,10 +155,11 @@ def reserve_run_name(layout: Any, base: str) -> str:
     raise UserError(f"{layout.log}: 10,000 runs named {base}; give another log_name")
 
 
-def _run(opt: dict, crs_config: Any, source: str, layout: Any, dist: Any, started: float, *, save_system: bool,
+def _run(opt: dict, crs_config: Any, loaded: run_config.LoadedConfig, layout: Any, dist: Any, started: float, *, save_system: bool,
          restore_system: bool, interact: bool, tensorboard: bool, debug: bool, save_data: bool,
          restore_data: bool) -> RunResult:
     name = crs_config.opt["model_name"]
+    recorded = copy.deepcopy(opt)  # as it was read: CRSLab's systems pop keys from its blocks (optimizer name)
     run_name = opt.get("log_name") or f"{opt['dataset']}_{name}_{time.strftime('%Y-%m-%d-%H-%M-%S')}"
     sink_id = None
     if dist.is_main:  # the other processes log to their console only
@@ -157,7 +168,7 @@ def _run(opt: dict, crs_config: Any, source: str, layout: Any, dist: Any, starte
     log_file = layout.log / f"{run_name}.log"
     try:
         seed_everything(int(opt["seed"]))
-        logger.info(f"[lotcrs] config {source}; root {layout.root}")
+        logger.info(f"[lotcrs] config {loaded.describe()}; root {layout.root}")
         logger.info("[Config]\n" + json.dumps(crs_config.opt, indent=2, default=str))
         with dist.main_first():  # process 0 makes the dataset files (and built-in backbones) once
             system = _build_system(crs_config, restore_data, save_data, restore_system, interact, debug,
@@ -166,7 +177,8 @@ def _run(opt: dict, crs_config: Any, source: str, layout: Any, dist: Any, starte
             raise UserError(f"model {name} trains in one process; several processes (torchrun, --nproc) are for "
                             f"the LOT-CRS systems (model: LOTCRS or LOTCRSPretrain)")
         result = RunResult(dataset=opt["dataset"], model_name=name, log_file=str(log_file) if dist.is_main else "",
-                           model_file=str(getattr(system, "model_file", "")))
+                           model_file=str(getattr(system, "model_file", "")), config=recorded,
+                           config_files=loaded.files, overrides=loaded.overrides)
         if interact:
             system.interact()
             return result

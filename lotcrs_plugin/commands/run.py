@@ -11,6 +11,13 @@ HELP = "train and test the system a YAML config describes (default: the embedded
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML config file (default: the embedded demo, "
                         "a CRSLab TextCNN on the built-in synthetic dataset)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="change one config key after the files, validated like them; VALUE is read "
+                        "as YAML; a dotted key reaches into a block, e.g. --set lotcrs.epochs=5 --set seed=7 "
+                        "(repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the merged config (its base: chain and every --set applied) as YAML "
+                        "and exit, without loading any data")
     parser.add_argument("--gpu", default="-1", help="GPU indices, e.g. 0 or 0,1; -1 for CPU (default)")
     parser.add_argument("--seed", type=int, help="random seed (overrides the config's `seed`)")
     parser.add_argument("--output-root", help="folder for datasets, checkpoints, logs and results "
@@ -42,10 +49,38 @@ def launch_command(args: argparse.Namespace) -> list[str]:
                         ("--output-root", args.output_root), ("--dist-backend", args.dist_backend)):
         if value is not None:
             cmd += [flag, str(value)]
+    for expr in args.overrides:
+        cmd += ["--set", expr]
     for flag in ("save_system", "restore_system", "save_data", "restore_data", "tensorboard"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
     return cmd
+
+
+def merged_config_text(args: argparse.Namespace) -> str:
+    """The config a run would use, as YAML, headed by comments naming the files merged (and the
+    overrides): keys and types are validated, nothing else is read."""
+    import yaml
+
+    from lotcrs_plugin import config as run_config
+    from lotcrs_plugin.runner import DEMO_CONFIG
+
+    loaded = run_config.load(args.config or DEMO_CONFIG, args.overrides)
+    opt = loaded.opt
+    if args.seed is not None:
+        opt["seed"] = args.seed
+    header = [f"# {loaded.files[0]}"] + [f"#   over base {f}" for f in loaded.files[1:]]
+    header += [f"#   --set {o}" for o in loaded.overrides] + ([f"#   --seed {args.seed}"] if args.seed is not None else [])
+    class Dumper(yaml.SafeDumper):
+        """Mappings as blocks, lists of plain values on one line ([0, 0.5, 1]), as configs are written."""
+
+    def represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+        flat = all(not isinstance(v, (dict, list)) for v in data)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+    Dumper.add_representer(list, represent_list)
+    body = yaml.dump(opt, Dumper=Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
+    return "\n".join(header) + "\n" + body
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
 
     from lotcrs_plugin.errors import UserError
 
+    if args.print_config:
+        print(merged_config_text(args), end="")
+        return 0
     if args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, not {args.nproc}")
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
@@ -78,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         args.config, gpu=args.gpu, seed=args.seed, output_root=args.output_root,
         save_system=args.save_system, restore_system=args.restore_system, interact=args.interact,
         tensorboard=args.tensorboard, debug=args.debug, save_data=args.save_data,
-        restore_data=args.restore_data, dist_backend=args.dist_backend,
+        restore_data=args.restore_data, dist_backend=args.dist_backend, overrides=args.overrides,
     )
     if not args.interact and main:
         print(format_result(result))
