@@ -46,6 +46,9 @@ VARIANTS = {
     "dot_mask_5e-5_1e-3": ("mask", "dot", 5e-5, 1e-3, "name"),
     "dot_mean_5e-5_1e-3": ("mean", "dot", 5e-5, 1e-3, "name"),
     "dot_mean_random_init": ("mean", "dot", 5e-5, 1e-3, "random"),
+    # with the learned evidence term (lotcrs_plugin.model.evidence): context items and attributes
+    "linear_mean_5e-5_1e-3+evidence": ("mean", "linear", 5e-5, 1e-3, "name"),
+    "dot_mean_5e-5_1e-3+evidence": ("mean", "dot", 5e-5, 1e-3, "name"),
 }
 
 
@@ -63,20 +66,25 @@ def load_splits(folder: Path, backbone_path: str, max_length: int, item_init: st
         with torch.no_grad():
             rows = bb.item_token_ids
             emb[rows] = torch.randn(len(rows), emb.shape[1]) * emb[: rows[0]].std()
-    data = {}
+    from lotcrs_plugin.data.context_evidence import EvidenceBuilder
+
+    data, evidence = {}, {}
     for split in ("train", "valid"):
         dialogs = json.loads((folder / f"{split}_data.json").read_text(encoding="utf-8"))
         table = tokenize_dialogs(dialogs, bb.tokenizer, bb.sep_ids, items, entity2id)
-        index = recommendation_index(table, turn_roles(dialogs))
+        roles = turn_roles(dialogs)
+        index = recommendation_index(table, roles)
         data[split] = RecData(table, bb.input_format(max_length), bb.first_item_id, index)
-    return bb, items, data
+        evidence[split] = EvidenceBuilder(table, roles, items.entity_ids)
+    return bb, items, data, evidence
 
 
 class Probe(nn.Module):
     """encoder state -> item scores, one variant."""
 
-    def __init__(self, bb, state: str, head: str):
+    def __init__(self, bb, state: str, head: str, evidence=None):
         super().__init__()
+        self.evidence = evidence
         self.bb, self.state, self.head = bb, state, head
         hidden, n = bb.hidden_size, bb.n_items
         if head == "linear":
@@ -98,9 +106,15 @@ class Probe(nn.Module):
             features, decoder = _head(self.bb)
             return list(features.parameters()) + [p for p in [getattr(self.bb.model.cls.predictions, "bias", None)]
                                                    if p is not None]
-        return [p for n, p in self.named_parameters() if not n.startswith("bb.")]
+        return [p for n, p in self.named_parameters() if not n.startswith(("bb.", "evidence."))]
 
-    def forward(self, tokens) -> torch.Tensor:
+    def forward(self, tokens, ev=None) -> torch.Tensor:
+        scores, h = self.scores(tokens)
+        if self.evidence is not None:
+            scores = scores.float() + self.evidence(h, ev)
+        return scores
+
+    def scores(self, tokens):
         hidden = self.bb.encode(tokens)
         if self.state == "mask":
             h = hidden[torch.arange(hidden.shape[0]), tokens.mask_positions]
@@ -110,10 +124,10 @@ class Probe(nn.Module):
             m = tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)
             h = (hidden * m).sum(1) / m.sum(1)
         if self.head == "verbaliser":
-            return self.bb.item_logits(h)
+            return self.bb.item_logits(h), h
         if self.head == "linear":
-            return self.out(h)
-        return self.scale * self.proj(h) @ self.items.t() + self.bias
+            return self.out(h), h
+        return self.scale * self.proj(h) @ self.items.t() + self.bias, h
 
 
 def _head(bb):
@@ -121,7 +135,7 @@ def _head(bb):
     return p.transform, p.decoder
 
 
-def evaluate(model, data, batch_size: int = 64) -> dict[str, float]:
+def evaluate(model, data, evidence, batch_size: int = 64) -> dict[str, float]:
     from lotcrs_plugin.data.finetune_samples import IndexBatches
 
     model.eval()
@@ -130,7 +144,7 @@ def evaluate(model, data, batch_size: int = 64) -> dict[str, float]:
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         for (rows,) in IndexBatches(len(data), batch_size, shuffle=False, lengths=data.lengths()):
             batch = data[rows]
-            top = model(batch.tokens).float().topk(50, dim=1).indices
+            top = model(batch.tokens, evidence.batch(data.index.contexts[rows])).float().topk(50, dim=1).indices
             hit = top == batch.targets[:, None]
             for k in hits:
                 hits[k].append(hit[:, :k].any(1).numpy())
@@ -148,29 +162,43 @@ def evaluate(model, data, batch_size: int = 64) -> dict[str, float]:
 def run_variant(name: str, folder: Path, args) -> dict:
     from lotcrs_plugin.data.finetune_samples import IndexBatches
 
+    from lotcrs_plugin.data.context_evidence import ItemAttributes
+    from lotcrs_plugin.model.evidence import EvidenceConfig, EvidenceTerm
+
     state, head, lr_enc, lr_head, init = VARIANTS[name]
     torch.manual_seed(args.seed)
-    bb, items, data = load_splits(folder, args.backbone_path, args.max_length, init)
-    model = Probe(bb, state, head)
+    bb, items, data, evidence = load_splits(folder, args.backbone_path, args.max_length, init)
+    term = None
+    if name.endswith("+evidence"):
+        cfg = EvidenceConfig()
+        term = EvidenceTerm(cfg, len(items), bb.hidden_size, ItemAttributes.from_folder(folder, items.entity_ids))
+    model = Probe(bb, state, head, term)
     head_ids = {id(p) for p in model.head_parameters()}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": lr_enc},
+    term_ids = {id(p) for p in term.parameters()} if term is not None else set()
+    groups = [{"params": [p for p in model.parameters() if id(p) not in head_ids | term_ids], "lr": lr_enc},
               {"params": [p for p in model.parameters() if id(p) in head_ids], "lr": lr_head}]
+    if term is not None:
+        groups.append({"params": list(term.parameters()), "lr": cfg.lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     train = data["train"]
     history, started = [], time.perf_counter()
     for epoch in range(args.epochs):
-        for (rows,) in IndexBatches(len(train), args.batch_size, seed=args.seed, epoch=epoch):
+        for (rows,) in IndexBatches(len(train), args.batch_size, seed=args.seed, epoch=epoch,
+                                    limit=args.max_batches):
             batch = train[rows]
+            ev = evidence["train"].batch(train.index.contexts[rows])
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = model(batch.tokens)
+                logits = model(batch.tokens, ev)
             loss = F.cross_entropy(logits.float(), batch.targets)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        scores = evaluate(model, data["valid"])
+        scores = evaluate(model, data["valid"], evidence["valid"])
         history.append({"epoch": epoch, **scores})
         print(f"{name} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+    if term is not None:
+        print(f"{name} evidence weights: {term.weights()}", flush=True)
     best = max(history, key=lambda h: (h["recall@10"], -h["epoch"]))
     return {"variant": name, "state": state, "head": head, "lr_encoder": lr_enc, "lr_head": lr_head,
             "item_init": init, "best": best, "history": history, "seconds": round(time.perf_counter() - started, 1)}
@@ -186,6 +214,7 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-batches", type=int, default=0, help="training batches per epoch (0: all; smoke runs)")
     ap.add_argument("--out", type=Path, required=True, help="JSON file; results are appended per variant")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
