@@ -59,6 +59,7 @@ from typing import Any, Iterable, Mapping
 from lotcrs_plugin import compat
 from lotcrs_plugin.config_block import typed_values
 from lotcrs_plugin.errors import UserError
+from lotcrs_plugin.hardware import bf16_autocast_pays, cpu_info
 
 compat.apply()  # crslab is imported only through the patches
 
@@ -117,7 +118,8 @@ class FinetuneConfig:
     else the backbone's default: the space CCA shaped). teacher_epochs, teacher_lr,
     teacher_max_samples (0: all): training of the label-smoothness teacher (teacher_epochs 0 uses the
     pre-trained model as it is). max_train_batches: batches per epoch (0: all; for quick checks). pad_to_multiple_of:
-    dynamic padding granularity. num_workers: DataLoader processes. bf16: autocast on CUDA.
+    dynamic padding granularity. num_workers: DataLoader processes. bf16: autocast where the device runs it fast (CUDA; a CPU with
+    AVX512_BF16 or AMX: lotcrs_plugin.hardware), fp32 elsewhere.
     resume: continue from the run's checkpoint. run_name: folder under <root>/save. log_every:
     optimizer steps between log lines. seed: -1 uses the top-level seed. threads: torch's intra-op
     CPU threads while fit() runs (0: leave torch's setting; 1 suits tiny models and busy machines,
@@ -251,7 +253,7 @@ class LOTCRSSystem(BaseSystem):
         self.folder = _dataset_folder(opt)
         self.entity2id = vocab["entity2id"]
         self.restored = bool(restore_system)
-        self.autocast = self.device.type == "cuda" and self.cfg.bf16
+        self.autocast = self.cfg.bf16 and bf16_autocast_pays(self.device)
         self.teacher: TeacherScores | None = None
         self._data: dict[str, RecData] = {}
         self.store_rows: np.ndarray | None = None  # rows of the simulated data held by the store
@@ -893,6 +895,8 @@ class LOTCRSSystem(BaseSystem):
     def _fit(self) -> None:
         started = time.perf_counter()
         dist = self.dist
+        logger.info(f"[lotcrs] device {self.device}, CPU {cpu_info().describe()}, {torch.get_num_threads()} threads, "
+                    f"bf16 autocast {self.autocast}")
         if self.restored:
             logger.info(f"[lotcrs] restored system from {self.model_file}: testing it")
             if dist.is_main:

@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping
 from lotcrs_plugin import compat
 from lotcrs_plugin.config_block import typed_values
 from lotcrs_plugin.errors import UserError
+from lotcrs_plugin.hardware import bf16_autocast_pays
 
 compat.apply()  # crslab is imported only through the patches
 
@@ -89,7 +90,7 @@ class PretrainConfig:
     true | false | auto (the backbone's default: on for bert). max_length: tokens per input,
     cut from the left. prompt: appended to CCA contexts. dmp_samples: prefixes | dialogs.
     pad_to_multiple_of: dynamic padding granularity. num_workers: DataLoader processes. bf16:
-    autocast on CUDA (fp32 on CPU). checkpoint_every: steps between checkpoints (0: epoch ends
+    autocast where the device runs it fast (CUDA; a CPU with AVX512_BF16 or AMX), fp32 elsewhere. checkpoint_every: steps between checkpoints (0: epoch ends
     only). resume: continue from the run's checkpoint. run_name: folder under <root>/save.
     tensorboard: scalars under <root>/runs/<run name>. log_every: steps between log lines.
     eval_max_batches: validation/test batches (0: all). seed: -1 uses the top-level seed.
@@ -295,7 +296,7 @@ class LOTCRSPretrainSystem(BaseSystem):
         self.use_tensorboard = bool(tensorboard or cfg.tensorboard)
         self.tb_dir = layout.runs / self.run_name
         self.use_dmp, self.use_cca = cfg.dmp_weight > 0, cfg.cca_weight > 0
-        self.autocast = self.device.type == "cuda" and cfg.bf16
+        self.autocast = cfg.bf16 and bf16_autocast_pays(self.device)
         self.folder = dataset_folder(opt)
         self.entity2id = vocab["entity2id"]
         self._splits: dict[str, PretrainData] = {}
@@ -492,7 +493,7 @@ class LOTCRSPretrainSystem(BaseSystem):
             logger.info(f"[pretrain] {self.run_name}: already at max_steps {cfg.max_steps}; nothing to train")
             return
         logger.info(f"[pretrain] {self.run_name}: {self.steps_per_epoch()} steps per epoch, {cfg.epochs} epochs, "
-                    f"effective batch {cfg.batch_size * acc}{processes}, device {self.device}, bf16 {self.autocast}")
+                    f"effective batch {cfg.batch_size * acc}{processes}, device {self.device}, bf16 autocast {self.autocast}")
         while self.epoch < cfg.epochs:
             sampler = self.sampler("train", self.epoch, start=self.batch_in_epoch)
             n_batches, start = sampler.n_batches, sampler.start

@@ -1,0 +1,61 @@
+"""What the machine's processor runs fast: read once from the CPU's flags, logged with every run.
+
+bf16 autocast pays on a CPU only where the ISA has bf16 arithmetic (AVX512_BF16 dot products or AMX
+tiles); elsewhere PyTorch emulates it and autocast is slower than fp32. The systems ask
+:func:`bf16_autocast_pays` for their device instead of assuming a machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_FLAGS_SHOWN = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """model: the processor's name; flags: the ISA extensions of :data:`_FLAGS_SHOWN` it has."""
+
+    model: str
+    flags: tuple[str, ...]
+
+    @property
+    def bf16_fast(self) -> bool:
+        return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
+
+    def describe(self) -> str:
+        return f"{self.model} ({', '.join(self.flags) or 'no AVX-512 / AMX'})"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> CpuInfo:
+    """The processor's model name and ISA flags (Linux /proc/cpuinfo; elsewhere the platform's name)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model in ("", platform.machine(), platform.processor()):
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return CpuInfo(model, tuple(f for f in _FLAGS_SHOWN if f in flags))
+
+
+def bf16_autocast_pays(device: torch.device | str) -> bool:
+    """bf16 autocast is worth turning on: a CUDA device, or a CPU whose ISA has bf16 arithmetic."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return True
+    return kind == "cpu" and cpu_info().bf16_fast
+
+
+__all__ = ["CpuInfo", "bf16_autocast_pays", "cpu_info"]
