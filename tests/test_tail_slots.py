@@ -69,10 +69,10 @@ def test_slots_put_the_votes_tail_items_at_the_reserved_places(plugin, backbone_
     batch = next(iter(system.batches(system.data("test"), train=False, batch_size=8)))
     with torch.no_grad():
         voter.tail_slots = None
-        plain = model.rank_items(batch.tokens, batch.targets, 50, 1 << 20)
+        plain = model.rank_items(batch.tokens, batch.targets, 50, 1 << 20, evidence=batch.evidence)
         voter.tail_slots = {10: 3}
-        slotted = model.rank_items(batch.tokens, batch.targets, 50, 1 << 20)
-        _, tail_top = model.rank_parts(batch.tokens, batch.targets, 50, 1 << 20, tail=True)
+        slotted = model.rank_items(batch.tokens, batch.targets, 50, 1 << 20, evidence=batch.evidence)
+        _, tail_top = model.rank_parts(batch.tokens, batch.targets, 50, 1 << 20, tail=True, evidence=batch.evidence)
     top = slotted.top_ids
     # the model's 7 best stay first, then 3 tail items the vote ranks best that the model's list (its
     # 47 items kept in the 50) does not hold
