@@ -50,7 +50,7 @@ def bert_base_folder(folder: Path) -> Path:
 
 
 def build_model(path: Path, n_items: int, device, max_length: int):
-    from lotcrs_plugin.system.pretrain import LOTCRSPretrainModel
+    from lotcrs_plugin.model.pretrain import LOTCRSPretrainModel
 
     opt = {"backbone": "bert", "backbone_path": str(path), "dataset": "bench",
            "lotcrs_pretrain": {"max_length": max_length}}

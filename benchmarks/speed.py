@@ -358,7 +358,7 @@ class SpeedRun:
                 raise UserError(f"--arch minilm: no model at {MINILM}; run ../shared/models/get-minilm.sh or use "
                                 f"--arch tiny")
             return MINILM
-        from lotcrs_plugin.model.lotcrs import materialize_tiny
+        from lotcrs_plugin.model.backbones.tiny import materialize_tiny
 
         if arch == "tiny":
             return materialize_tiny("tiny-bert", self.dataset.vocab, self.root / "data" / "model" / "builtin")
@@ -371,7 +371,7 @@ class SpeedRun:
         import torch
         from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
-        from lotcrs_plugin.model.lotcrs import tiny_vocabulary
+        from lotcrs_plugin.model.backbones.tiny import tiny_vocabulary
 
         config = BertConfig()
         if (MINILM / "vocab.txt").is_file():

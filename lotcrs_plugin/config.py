@@ -70,11 +70,12 @@ CONFIG_BLOCKS: dict[str, str] = {
     "longtail": "lotcrs_plugin.evaluator.config:LongTailConfig",
     "simulation": "lotcrs_plugin.data.simulator:SimulationConfig",
     "retrieval": "lotcrs_plugin.model.retrieval:RetrievalConfig",
+    "rerank": "lotcrs_plugin.config_blocks.rerank:RerankConfig",
     "smoothing": "lotcrs_plugin.model.smoothing:SmoothingConfig",
     "head": "lotcrs_plugin.model.heads:HeadConfig",
     "evidence": "lotcrs_plugin.model.evidence:EvidenceConfig",
-    "lotcrs_pretrain": "lotcrs_plugin.system.pretrain:PretrainConfig",
-    "lotcrs": "lotcrs_plugin.system.lotcrs:FinetuneConfig",
+    "lotcrs_pretrain": "lotcrs_plugin.config_blocks.pretrain:PretrainConfig",
+    "lotcrs": "lotcrs_plugin.config_blocks.finetune:FinetuneConfig",
     "selection": "lotcrs_plugin.system.selection:SelectionConfig",
     "distributed": "lotcrs_plugin.system.distributed:DistributedConfig",
 }
@@ -301,7 +302,7 @@ def _check_model_path(key: str, value: Any, backbone: str, where: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"{where}: key '{key}' must be a model folder or {_HUB_EXAMPLE}, not {value!r}")
     if value.startswith(BUILTIN_PREFIX):
-        from lotcrs_plugin.model.lotcrs import TINY_BACKBONE
+        from lotcrs_plugin.model.backbones.tiny import TINY_BACKBONE
 
         spec = value[len(BUILTIN_PREFIX):]
         if spec not in TINY_BACKBONE:

@@ -37,7 +37,7 @@ PLUGIN_PARTS: dict[str, dict[str, str]] = {
     },
     "model": {
         "RepeatPopularity": "lotcrs_plugin.model.repeat_ranker:RepeatPopularityModel",
-        "LOTCRSPretrain": "lotcrs_plugin.system.pretrain:LOTCRSPretrainModel",
+        "LOTCRSPretrain": "lotcrs_plugin.model.pretrain:LOTCRSPretrainModel",
         "LOTCRS": "lotcrs_plugin.model.lotcrs:LOTCRSModel",
     },
     "system": {

@@ -188,7 +188,7 @@ def _run(opt: dict, crs_config: Any, loaded: run_config.LoadedConfig, layout: An
 
         selector = attach_selection(system, opt)
         system.fit()
-        result.selection = selection_summary(selector)
+        result.selection = selection_summary(selector, system)
         if save_system and dist.is_main:
             system.save_model()
     finally:

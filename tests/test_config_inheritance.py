@@ -39,7 +39,7 @@ BASE = """\
     lotcrs:
       epochs: 4
       prompt: "you should watch [MASK]"
-    retrieval:
+    rerank:
       knn_grid: [0, 0.5, 1]
       tail_slots_grid: {10: [0, 1], 50: [0, 10]}
 """
@@ -52,7 +52,7 @@ def test_keys_merge_over_the_base_block_by_block(tmp_path):
         seed: 7
         rec:
           optimizer: {lr: 0.01}      # merged into the base's optimizer, its name kept
-        retrieval:
+        rerank:
           knn_grid: [2]              # a list replaces the base's list
           tail_slots_grid: {10: [3]}
         backbone_path: {text_encoder: roberta-base, decoder: gpt2}
@@ -63,7 +63,7 @@ def test_keys_merge_over_the_base_block_by_block(tmp_path):
     assert "base" not in opt
     assert opt["seed"] == 7 and opt["dataset"] == "synthetic"
     assert opt["rec"] == {"epoch": 1, "batch_size": 32, "optimizer": {"name": "Adam", "lr": 0.01}}
-    assert opt["retrieval"] == {"knn_grid": [2], "tail_slots_grid": {10: [3], 50: [0, 10]}}
+    assert opt["rerank"] == {"knn_grid": [2], "tail_slots_grid": {10: [3], 50: [0, 10]}}
     assert opt["lotcrs"] == {"epochs": 4, "prompt": "you should watch [MASK]"}
     assert list(opt)[:4] == ["dataset", "tokenize", "rec_model", "evaluator"]  # the base's order, new keys after
     # a mapping over a scalar replaces it, and the reverse
@@ -113,11 +113,11 @@ def test_a_missing_or_malformed_base_is_one_line_naming_the_file(tmp_path):
 
 def test_unset_removes_a_base_key_and_refuses_one_the_base_lacks(tmp_path):
     write(tmp_path / "base.yaml", BASE)
-    child = write(tmp_path / "child.yaml", "base: base.yaml\nretrieval:\n  knn_grid: !unset\nlotcrs: !unset\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\nrerank:\n  knn_grid: !unset\nlotcrs: !unset\n")
     opt = read_config(child).opt
-    assert opt["retrieval"] == {"tail_slots_grid": {10: [0, 1], 50: [0, 10]}} and "lotcrs" not in opt
-    write(tmp_path / "child.yaml", "base: base.yaml\nretrieval:\n  knn_gird: !unset\n")
-    with pytest.raises(UserError, match="key 'retrieval.knn_gird' is !unset, but the base does not set it"):
+    assert opt["rerank"] == {"tail_slots_grid": {10: [0, 1], 50: [0, 10]}} and "lotcrs" not in opt
+    write(tmp_path / "child.yaml", "base: base.yaml\nrerank:\n  knn_gird: !unset\n")
+    with pytest.raises(UserError, match="key 'rerank.knn_gird' is !unset, but the base does not set it"):
         read_config(child)
     write(tmp_path / "child.yaml", "base: base.yaml\nseed: !unset 3\n")
     with pytest.raises(UserError, match="!unset takes no value"):
@@ -142,14 +142,14 @@ def test_set_values_are_yaml_and_checked_like_the_file(tmp_path):
     assert parse_override("lotcrs.epochs=5") == (["lotcrs", "epochs"], 5)
     assert parse_override("seed=7")[1] == 7 and parse_override("x=1e-4")[1] == 0.0001
     assert parse_override("selection.metric=recall@10+tail_coverage@10")[1] == "recall@10+tail_coverage@10"
-    assert parse_override("retrieval.knn_grid=[0, 1]")[1] == [0, 1] and parse_override("a=null")[1] is None
+    assert parse_override("rerank.knn_grid=[0, 1]")[1] == [0, 1] and parse_override("a=null")[1] is None
 
     loaded = run_config.load(str(path), ["lotcrs.epochs=5", "seed=7", "rec.optimizer.lr=1e-4",
-                                         "retrieval.tail_slots_grid.10=[2]", "smoothing.beta=0.5"])
+                                         "rerank.tail_slots_grid.10=[2]", "smoothing.beta=0.5"])
     opt = loaded.opt
     assert opt["lotcrs"] == {"epochs": 5, "prompt": "you should watch [MASK]"} and opt["seed"] == 7
     assert opt["rec"]["optimizer"] == {"name": "Adam", "lr": 0.0001}
-    assert opt["retrieval"]["tail_slots_grid"] == {10: [2], 50: [0, 10]}  # '10' reaches the integer key
+    assert opt["rerank"]["tail_slots_grid"] == {10: [2], 50: [0, 10]}  # '10' reaches the integer key
     assert opt["smoothing"] == {"beta": 0.5}  # a block the file does not set
     assert loaded.overrides[0] == "lotcrs.epochs=5"
     with open(path, encoding="utf-8") as f:  # the file itself is not changed

@@ -172,13 +172,13 @@ def test_two_gloo_processes_match_one_process(quiet_bert, tmp_path, monkeypatch)
         assert (home / "save" / "ddp_ft" / "best.pt").is_file()
 
     # pre-training: the same parameters after its 3 steps (6 micro-batches, 3 in each process)
-    a = torch.load(one_home / "save" / "ddp_pre" / "checkpoint.pt", weights_only=False)
-    b = torch.load(two_home / "save" / "ddp_pre" / "checkpoint.pt", weights_only=False)
+    a = torch.load(one_home / "save" / "ddp_pre" / "checkpoint.pt", weights_only=True)
+    b = torch.load(two_home / "save" / "ddp_pre" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 3 and a["batch_in_epoch"] == b["batch_in_epoch"] == 6
     assert_same_state(a, b, "pre-training")
     # fine-tuning: 2 epochs of 2 steps each, the same parameters, scores, best epoch and test
-    a = torch.load(one_home / "save" / "ddp_ft" / "checkpoint.pt", weights_only=False)
-    b = torch.load(two_home / "save" / "ddp_ft" / "checkpoint.pt", weights_only=False)
+    a = torch.load(one_home / "save" / "ddp_ft" / "checkpoint.pt", weights_only=True)
+    b = torch.load(two_home / "save" / "ddp_ft" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 4 and a["epoch"] == b["epoch"] == 2
     assert_same_state(a, b, "fine-tuning")
     for ha, hb in zip(a["history"], b["history"], strict=True):

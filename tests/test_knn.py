@@ -13,6 +13,7 @@ import torch
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.evaluator.ranking import rank_dense, rank_linear
 from lotcrs_plugin.model.knn import aggregate_votes, knn_bonus
+from lotcrs_plugin.config_blocks.rerank import RerankConfig
 from lotcrs_plugin.model.retrieval import RetrievalConfig
 
 from test_lotcrs import _system, backbone_paths, one_thread, plugin, tiny_opt  # noqa: F401  (fixtures)
@@ -55,18 +56,21 @@ def test_ranking_with_a_bonus_equals_the_dense_ranking(max_elements):
 
 
 def test_config_keys_are_validated():
-    cfg = RetrievalConfig.from_dict({"knn_weight": "auto", "knn_grid": [0, 1], "knn_k": 5})
+    cfg = RerankConfig.from_dict({"knn_weight": "auto", "knn_grid": [0, 1], "knn_k": 5})
     assert cfg.knn_on and cfg.knn_grid == (0.0, 1.0)
-    assert not RetrievalConfig.from_dict({}).knn_on
+    assert not RerankConfig.from_dict({}).knn_on
     for bad in ({"knn_weight": -1}, {"knn_weight": "sometimes"}, {"knn_grid": []}, {"knn_k": 0},
                 {"knn_pooling": "max"}, {"knn_temperature": 0}):
         with pytest.raises(UserError, match=next(iter(bad))):
-            RetrievalConfig.from_dict(bad)
+            RerankConfig.from_dict(bad)
+    # their old place, the retrieval: block, names the new one
+    with pytest.raises(UserError, match=r"key 'knn_weight' belongs to the rerank: block now .*rerank\.knn_weight"):
+        RetrievalConfig.from_dict({"knn_weight": 1.0})
 
 
 def test_a_heavy_vote_puts_the_nearest_simulated_items_first(plugin, backbone_paths):
     opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False)
-    opt["retrieval"].update(knn_weight=0.0, knn_k=5)
+    opt["rerank"] = dict(knn_weight=0.0, knn_k=5)
     system = _system(opt)
     voter = system.build_knn()
     model = system.model
@@ -99,7 +103,7 @@ def test_pipeline_chooses_the_weight_on_validation_and_restores_it(plugin, backb
     from lotcrs_plugin.runner import run
 
     opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False, run_name="t_knn")
-    opt["retrieval"].update(knn_weight="auto", knn_grid=[0, 1, 4], knn_k=8)
+    opt["rerank"] = dict(knn_weight="auto", knn_grid=[0, 1, 4], knn_k=8)
     opt["model_file"] = "t_knn_system.pth"
     result = run(opt, save_system=True)
     summary = json.loads((lotcrs_home / "save" / "t_knn" / "finetune.json").read_text())
@@ -119,7 +123,7 @@ def test_weight_choice_scores_equal_full_validation_passes(plugin, backbone_path
     from lotcrs_plugin.system.selection import BestEpochSelector, SelectionConfig
 
     opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False)
-    opt["retrieval"].update(knn_weight="auto", knn_grid=[0, 0.5, 3], knn_k=8, knn_metric="recall@10+ndcg@50")
+    opt["rerank"] = dict(knn_weight="auto", knn_grid=[0, 0.5, 3], knn_k=8, knn_metric="recall@10+ndcg@50")
     system = _system(opt)
     voter = system.build_knn()
     system.choose_knn_weight()

@@ -42,7 +42,7 @@ def one_thread():
 def plugin(monkeypatch):
     """The LOT-CRS parts in CRSLab's tables and the config (idempotent once the lead's registry
     and config lines are in)."""
-    monkeypatch.setitem(run_config.CONFIG_BLOCKS, "lotcrs", "lotcrs_plugin.system.lotcrs:FinetuneConfig")
+    monkeypatch.setitem(run_config.CONFIG_BLOCKS, "lotcrs", "lotcrs_plugin.config_blocks.finetune:FinetuneConfig")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     registry.register_all()
     from lotcrs_plugin.data.finetune_samples import LOTCRSDataLoader
@@ -154,7 +154,7 @@ def test_bert_pipeline_selects_on_validation_and_restores(plugin, backbone_paths
     for key, value in best_state.items():  # the saved (tested) model is the best epoch's
         torch.testing.assert_close(saved[key], value, msg=key)
     if best != 2:
-        last = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+        last = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
         assert any(not torch.equal(last[k], v) for k, v in best_state.items())
     # the test split never reached the choice: its report is the only test-mode one
     assert [r["mode"] for r in result.reports if r.get("longtail")].count("test") == 1
@@ -170,15 +170,56 @@ def test_resume_continues_after_the_last_epoch(plugin, backbone_paths, lotcrs_ho
     base = dict(pretrain=False, run_name="t_resume", impatience=0)
     one = run(tiny_opt("bert", backbone_paths["bert"], epochs=1, **base))
     ckpt = lotcrs_home / "save" / "t_resume" / "checkpoint.pt"
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
     two = run(tiny_opt("bert", backbone_paths["bert"], epochs=2, resume=True, **base))
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == [0, 1]
     # the resumed run re-reported its earlier best epoch (0), so the selection hook knows it
     assert [h["epoch"] for h in two.selection["history"]] == [0, 1]
     assert two.selection["selected_epoch"] == state["best_epoch"]
     assert_longtail_in_range(two.test["longtail"])
     assert one.test["longtail"]["n_samples"] == two.test["longtail"]["n_samples"]
+
+
+def test_an_interrupted_run_resumes_to_the_numbers_of_a_straight_run(plugin, backbone_paths, lotcrs_home,
+                                                                     monkeypatch):
+    """Stopped after its first epoch's checkpoint, a run resumed from it (loaded with
+    weights_only=True) ends with the same weights and test metrics as a run that was never stopped;
+    a checkpoint that holds a pickled object is refused with one line."""
+    from lotcrs_plugin.runner import run
+    from lotcrs_plugin.system.finetune import FineTuner
+
+    base = dict(pretrain=False, impatience=0, epochs=2, max_train_batches=3, store_refresh="epoch")
+    straight = run(tiny_opt("bert", backbone_paths["bert"], run_name="t_straight", **base))
+    save = FineTuner.save_checkpoint
+
+    def crash_after_the_first_epoch(self, extra):
+        path = save(self, extra)
+        if self.epoch == 1:
+            raise KeyboardInterrupt("stopped after epoch 0")
+        return path
+
+    monkeypatch.setattr(FineTuner, "save_checkpoint", crash_after_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_opt("bert", backbone_paths["bert"], run_name="t_stopped", **base))
+    monkeypatch.setattr(FineTuner, "save_checkpoint", save)
+    ckpt = lotcrs_home / "save" / "t_stopped" / "checkpoint.pt"
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    resumed = run(tiny_opt("bert", backbone_paths["bert"], run_name="t_stopped", resume=True, **base))
+    assert resumed.test["longtail"]["metrics"] == straight.test["longtail"]["metrics"]
+    assert resumed.selection["history"] == straight.selection["history"]
+    a = torch.load(lotcrs_home / "save" / "t_straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    torch.testing.assert_close(a["rng"]["torch"], b["rng"]["torch"], rtol=0, atol=0)
+
+    import argparse
+
+    torch.save({**b, "history": argparse.Namespace(epochs=2)}, ckpt)  # an object only unpickling makes
+    with pytest.raises(UserError, match="not loadable as plain tensors and numbers"):
+        run(tiny_opt("bert", backbone_paths["bert"], run_name="t_stopped", resume=True, **base))
 
 
 # ---- inside the model ------------------------------------------------------------------------
@@ -247,9 +288,8 @@ def test_recommend_scores_a_dialog_as_its_sample(bert_system):
         logits = system.model(test[np.array([0])].tokens).logits[0]
     assert top == logits.topk(10).indices.tolist() and len(set(top)) == 10
     # with the vote's tail slots, the interactive list is the test list
-    opt_knn = system.retrieval_cfg
     from dataclasses import replace
-    system.retrieval_cfg = system.model.retrieval_cfg = replace(opt_knn, knn_k=8)
+    system.rerank.cfg = system.model.rerank_cfg = replace(system.rerank_cfg, knn_k=8)
     system.model.tail_items = torch.as_tensor(system.evaluator.catalog.is_tail)
     system.build_knn().tail_slots = {10: 4}
     top = system.recommend(dialog[:cut - first], k=10)
@@ -274,8 +314,8 @@ def test_label_smoothness_pulls_the_student_towards_the_teacher(bert_system):
 
     def p_favourite(beta: float) -> float:
         system.model.load_state_dict(start)
-        system.smoothing_cfg = type(system.smoothing_cfg)(beta=beta, teacher="simulated")
-        system.teacher = teacher if beta else None
+        system.tuner.smoothing_cfg = type(system.smoothing_cfg)(beta=beta, teacher="simulated")
+        system.tuner.teacher = teacher if beta else None
         system.build_optim()
         system.model.train()
         for _ in range(3):
@@ -327,7 +367,7 @@ def test_recommendation_samples_and_the_mentioned_flag(tmp_path):
 # ---- configs ---------------------------------------------------------------------------------
 
 def test_config_block_validation(plugin):
-    from lotcrs_plugin.system.lotcrs import FinetuneConfig
+    from lotcrs_plugin.config_blocks.finetune import FinetuneConfig
 
     cfg = FinetuneConfig.from_dict({"lr": 1, "epochs": 3})
     assert cfg.lr == 1.0 and cfg.max_length == 256 and cfg.pretrain and cfg.retrieval

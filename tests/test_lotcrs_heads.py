@@ -67,7 +67,7 @@ def test_evidence_term_is_learned_by_fine_tuning_and_absent_when_off(plugin, bac
         states = system.model.read(system.model.backbone.encode(batch.tokens), batch.tokens)
         assert float(term(states, batch.evidence).abs().max()) == 0.0
     system.build_optim()
-    system.train_epoch()
+    system.tuner.train_epoch()
     moved = [k for k, v in term.state_dict().items() if not torch.equal(v, before[k])]
     assert moved, "no evidence weight changed in fine-tuning"
     with torch.no_grad():

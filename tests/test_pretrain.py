@@ -188,7 +188,7 @@ def test_batches_pad_dynamically_and_resume_at_any_batch(small_bert):
 # ---- the config block ------------------------------------------------------------------------
 
 def test_config_block_validation():
-    from lotcrs_plugin.system.pretrain import PretrainConfig
+    from lotcrs_plugin.config_blocks.pretrain import PretrainConfig
 
     cfg = PretrainConfig.from_dict({"lr": 1, "batch_size": 8})
     assert cfg.lr == 1.0 and cfg.mlm_probability == 0.9 and cfg.temperature == 0.05 and cfg.max_length == 128
@@ -212,11 +212,13 @@ def plugin(monkeypatch):
     registry and config lines are in)."""
     monkeypatch.setitem(run_config.PLUGIN_KEYS, "backbone", ((str,), None))
     monkeypatch.setitem(run_config.PLUGIN_KEYS, "backbone_path", ((str, dict), None))
-    monkeypatch.setitem(run_config.CONFIG_BLOCKS, "lotcrs_pretrain", "lotcrs_plugin.system.pretrain:PretrainConfig")
+    monkeypatch.setitem(run_config.CONFIG_BLOCKS, "lotcrs_pretrain", "lotcrs_plugin.config_blocks.pretrain:PretrainConfig")
     registry.register_all()
     from lotcrs_plugin.system import pretrain
 
-    registry.register_model(pretrain.MODEL_NAME, pretrain.LOTCRSPretrainModel)
+    from lotcrs_plugin.model.pretrain import LOTCRSPretrainModel
+
+    registry.register_model(pretrain.MODEL_NAME, LOTCRSPretrainModel)
     registry.register_system(pretrain.MODEL_NAME, pretrain.LOTCRSPretrainSystem)
     registry.register_dataloader(pretrain.MODEL_NAME, pretrain.LOTCRSPretrainDataLoader)
     return pretrain
@@ -300,10 +302,10 @@ def test_resumed_run_continues_from_its_saved_step(plugin, synthetic_bert, lotcr
     straight = run(opt(run_name="straight", max_steps=4))
     first = run(opt(run_name="resumed", max_steps=2))
     save = lotcrs_home / "save"
-    assert torch.load(save / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(save / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
     second = run(opt(run_name="resumed", max_steps=4, resume=True))
-    a = torch.load(save / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(save / "resumed" / "checkpoint.pt", weights_only=False)
+    a = torch.load(save / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(save / "resumed" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 4 and a["batch_in_epoch"] == b["batch_in_epoch"] == 4
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, msg=key)
@@ -313,7 +315,7 @@ def test_resumed_run_continues_from_its_saved_step(plugin, synthetic_bert, lotcr
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
     # a finished run resumed again trains no further step (it stopped at max_steps inside an epoch)
     run(opt(run_name="resumed", max_steps=4, resume=True))
-    c = torch.load(save / "resumed" / "checkpoint.pt", weights_only=False)
+    c = torch.load(save / "resumed" / "checkpoint.pt", weights_only=True)
     assert c["step"] == 4 and c["batch_in_epoch"] == 4
     for key, value in b["model"].items():
         torch.testing.assert_close(c["model"][key], value, msg=key)

@@ -103,7 +103,7 @@ def test_backbone_item_head_is_the_verbaliser(tmp_path):
 
 
 def test_eval_chunk_elements_key():
-    from lotcrs_plugin.system.lotcrs import FinetuneConfig
+    from lotcrs_plugin.config_blocks.finetune import FinetuneConfig
 
     assert FinetuneConfig.from_dict({}).eval_chunk_elements == 1 << 24
     assert FinetuneConfig.from_dict({"eval_chunk_elements": 4096}).eval_chunk_elements == 4096
@@ -140,6 +140,6 @@ def test_system_evaluation_ranks_in_chunks_as_the_dense_scores(plugin, backbone_
         return {k: v.value() for k, v in system.evaluator.rec_metrics.report().items()}
 
     chunked = test_metrics()
-    system.cfg = dataclasses.replace(system.cfg, eval_chunk_elements=1 << 24)
+    system.cfg = system.tuner.cfg = dataclasses.replace(system.cfg, eval_chunk_elements=1 << 24)
     assert chunked == test_metrics()
     assert np.isfinite(system.evaluator.optim_metrics.report()["rec_loss"].value())

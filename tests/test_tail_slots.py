@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.retrieval import RetrievalConfig
+from lotcrs_plugin.config_blocks.rerank import RerankConfig
 from lotcrs_plugin.model.tail_slots import grid_settings, merge_tail_slots, slot_mask
 
 from test_lotcrs import _system, backbone_paths, one_thread, plugin, tiny_opt  # noqa: F401  (fixtures)
@@ -42,10 +42,10 @@ def test_grid_settings_fewest_slots_first():
 
 
 def test_config_keys_are_validated():
-    cfg = RetrievalConfig.from_dict({"tail_slots": {"10": 2, 50: 20}, "tail_slots_grid": {10: [1, 0, 1]}})
+    cfg = RerankConfig.from_dict({"tail_slots": {"10": 2, 50: 20}, "tail_slots_grid": {10: [1, 0, 1]}})
     assert cfg.tail_slots == {10: 2, 50: 20} and cfg.tail_slots_grid == {10: (0, 1)} and cfg.knn_on
-    assert RetrievalConfig.from_dict({"tail_slots": "auto"}).knn_on
-    assert not RetrievalConfig.from_dict({}).knn_on
+    assert RerankConfig.from_dict({"tail_slots": "auto"}).knn_on
+    assert not RerankConfig.from_dict({}).knn_on
     for bad, match in (({"tail_slots": {0: 1}}, "cut-off 0"), ({"tail_slots": {51: 1}}, "cut-off 51"),
                        ({"tail_slots": {10: 11}}, "11 slots do not fit"),
                        ({"tail_slots": {10: 2, 50: 41}}, "between cut-offs 10 and 50"),
@@ -54,12 +54,12 @@ def test_config_keys_are_validated():
                        ({"tail_logit_weight": -1}, "tail_logit_weight"),
                        ({"knn_pretrain": {"dmp_weight": 0}}, "own run_name")):
         with pytest.raises(UserError, match=match):
-            RetrievalConfig.from_dict(bad)
+            RerankConfig.from_dict(bad)
 
 
 def test_slots_put_the_votes_tail_items_at_the_reserved_places(plugin, backbone_paths):
     opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False)
-    opt["retrieval"].update(knn_weight=0.0, knn_k=8, tail_slots={10: 3})
+    opt["rerank"] = dict(knn_weight=0.0, knn_k=8, tail_slots={10: 3})
     system = _system(opt)
     voter = system.build_knn()
     model = system.model
@@ -95,8 +95,8 @@ def test_pipeline_chooses_slots_on_validation_keeping_recall(plugin, backbone_pa
     from lotcrs_plugin.runner import run
 
     opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False, run_name="t_slots")
-    opt["retrieval"].update(knn_weight=0.0, knn_k=8, tail_slots="auto", tail_slots_grid={10: [0, 2, 5], 50: [0, 20]},
-                            tail_slots_metric="tail_coverage@50", tail_slots_keep="recall@10")
+    opt["rerank"] = dict(knn_weight=0.0, knn_k=8, tail_slots="auto", tail_slots_grid={10: [0, 2, 5], 50: [0, 20]},
+                         tail_slots_metric="tail_coverage@50", tail_slots_keep="recall@10")
     opt["model_file"] = "t_slots_system.pth"
     result = run(opt, save_system=True)
     summary = json.loads((lotcrs_home / "save" / "t_slots" / "finetune.json").read_text())
@@ -117,7 +117,7 @@ def test_the_votes_own_pretraining_is_run_once_and_named(plugin, backbone_paths,
     from lotcrs_plugin.runner import run
 
     opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False, run_name="t_knn_pre")
-    opt["retrieval"].update(knn_weight=0.5, knn_k=8, knn_pretrain={"run_name": "t_knn_own_pre", "dmp_weight": 0.0})
+    opt["rerank"] = dict(knn_weight=0.5, knn_k=8, knn_pretrain={"run_name": "t_knn_own_pre", "dmp_weight": 0.0})
     run(opt)
     export = lotcrs_home / "save" / "t_knn_own_pre" / "backbone"
     assert (export / "config.json").is_file()
@@ -129,6 +129,6 @@ def test_the_votes_own_pretraining_is_run_once_and_named(plugin, backbone_paths,
     assert summary["pretrained_from"] is None  # the recommender itself was not pre-trained
     # the vote's run name may not be the recommender's own pre-training
     bad = tiny_opt("bert", backbone_paths["bert"], run_name="t_knn_bad")
-    bad["retrieval"].update(knn_weight=0.5, knn_pretrain={"run_name": bad["lotcrs_pretrain"]["run_name"]})
+    bad["rerank"] = dict(knn_weight=0.5, knn_pretrain={"run_name": bad["lotcrs_pretrain"]["run_name"]})
     with pytest.raises(UserError, match="knn_pretrain.run_name"):
         run(bad)

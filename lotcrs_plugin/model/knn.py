@@ -136,11 +136,12 @@ class KnnVoter:
             raise UserError(f"{path}: missing or unreadable kNN manifest ({exc}); run the training again") from exc
 
 
-def knn_store(keys: np.ndarray, items: np.ndarray, cfg: RetrievalConfig) -> MemoryStore:
-    """A cosine store of unit keys with no values (a [N, 1] zero column keeps the store's format)."""
+def knn_store(keys: np.ndarray, items: np.ndarray, cfg: RetrievalConfig, k: int) -> MemoryStore:
+    """A cosine store of unit keys with no values (a [N, 1] zero column keeps the store's format),
+    searched for ``k`` neighbours, with the index settings of ``cfg``."""
     from dataclasses import replace
 
-    config = replace(cfg, normalize=True, top_k=min(cfg.knn_k, len(keys)), max_per_item=None)  # rows chosen by the caller
+    config = replace(cfg, normalize=True, top_k=min(k, len(keys)), max_per_item=None)  # rows chosen by the caller
     return MemoryStore.build(keys, np.zeros((len(keys), 1), np.float32), items, config)
 
 

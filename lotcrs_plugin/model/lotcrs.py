@@ -17,34 +17,27 @@ For a batch of contexts ending in the prompt (``... you should watch [MASK]``):
 The store is not a module: the system builds it (keys and values from
 :meth:`LOTCRSModel.store_entries`), attaches it, and saves it next to the model.
 
-``backbone_path: builtin:tiny-bert`` makes a demo/test backbone on the spot (see
-:func:`resolve_backbone_path`): a random 2-layer BERT (hidden 64) with a WordPiece vocabulary made
-from the dataset's words. It needs no download; it is a demo/test backbone, not a language model of
-any quality.
+``backbone_path: builtin:tiny-bert`` makes a demo/test backbone on the spot
+(lotcrs_plugin.model.backbones.tiny).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
-import string
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from loguru import logger
 from torch import nn
 
+from lotcrs_plugin.config_blocks.finetune import BLOCK, FinetuneConfig
+from lotcrs_plugin.config_blocks.rerank import RerankConfig
 from lotcrs_plugin.data.context_evidence import EvidenceBatch, ItemAttributes
 from lotcrs_plugin.data.pretrain_samples import ItemVocab
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.evaluator.ranking import Ranking, rank_dense, rank_linear
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, build_backbone
+from lotcrs_plugin.model.backbones.tiny import resolve_backbone_path
 from lotcrs_plugin.model.evidence import EvidenceConfig, EvidenceTerm
 from lotcrs_plugin.model.fusion import RetrievalFusion
 from lotcrs_plugin.model.heads import HeadConfig, ItemHead, build_head
@@ -54,94 +47,9 @@ from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig, Retrieva
 from lotcrs_plugin.model.tail_slots import NOT_TAIL, merge_tail_slots, slot_mask
 
 MODEL_NAME = "LOTCRS"
-BLOCK = "lotcrs"
-BUILTIN_PREFIX = "builtin:"
-# name -> BertConfig arguments of the demo/test backbones made from the dataset's vocabulary
-TINY_SPECS: dict[str, dict[str, int]] = {
-    "tiny-bert": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
-                  "max_position_embeddings": 512},
-}
-TINY_BACKBONE = {"tiny-bert": "bert"}
-TINY_VERSION = 1  # bump when the made folder changes for the same vocabulary
 # backbones whose encode() output is the last-layer state that their 'cls' / 'mean' pooling reads:
 # the query is pooled from it instead of a second forward pass
 _POOL_FROM_ENCODE = ("bert", "unicrs")
-
-
-# ---- built-in tiny backbones -----------------------------------------------------------------
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
-
-
-def tiny_vocabulary(vocab: Mapping[str, Any]) -> list[str]:
-    """WordPiece vocabulary of a built-in tiny backbone: specials, the dataset's word tokens, the
-    words of its entity names and of the simulator's built-in templates, and every printable
-    character alone and as a continuation piece (so any ASCII word has a tokenization)."""
-    from lotcrs_plugin.data.simulator.templates import BUILTIN
-
-    words: set[str] = set()
-    for token in vocab.get("tok2ind", {}):
-        if isinstance(token, str) and not (token.startswith("__") and token.endswith("__")):
-            words.update(_words(token))
-    for name in vocab.get("entity2id", {}):
-        words.update(_words(re.sub(r"[<>_/]", " ", str(name))))
-    for texts in BUILTIN.values():
-        for text in texts:
-            words.update(_words(re.sub(r"\[[^\]]*\]", " ", text)))
-    chars = [c for c in string.ascii_lowercase + string.digits + string.punctuation]
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    body = sorted(w for w in words if w and w not in specials and " " not in w)
-    out = list(dict.fromkeys(specials + chars + body + ["##" + c for c in string.ascii_lowercase + string.digits]))
-    return out
-
-
-def materialize_tiny(spec: str, vocab: Mapping[str, Any], root: Path) -> Path:
-    """The folder of the built-in backbone ``spec`` for this vocabulary, made once under ``root``
-    (keyed by a hash of spec and vocabulary; written to a temporary sibling, then renamed)."""
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
-
-    if spec not in TINY_SPECS:
-        raise UserError(f"backbone_path {BUILTIN_PREFIX}{spec}: unknown built-in backbone; "
-                        f"known: {', '.join(BUILTIN_PREFIX + s for s in TINY_SPECS)}")
-    words = tiny_vocabulary(vocab)
-    key = hashlib.sha256(json.dumps([TINY_VERSION, spec, TINY_SPECS[spec], words]).encode()).hexdigest()[:16]
-    dest = root / f"{spec}-{key}"
-    if (dest / "config.json").is_file():
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
-    if len(tokenizer) != len(words):
-        raise RuntimeError(f"built-in {spec}: the tokenizer holds {len(tokenizer)} of {len(words)} tokens")
-    tokenizer.save_pretrained(tmp)
-    config = BertConfig(vocab_size=len(words), pad_token_id=0, **TINY_SPECS[spec])
-    with torch.random.fork_rng(devices=[]):  # the same weights every time, global RNG untouched
-        torch.manual_seed(0)
-        BertForMaskedLM(config).save_pretrained(tmp)
-    try:
-        os.rename(tmp, dest)
-    except OSError:  # another process made it meanwhile
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info(f"[lotcrs] built-in backbone {spec}: {len(words)} WordPiece tokens -> {dest}")
-    return dest
-
-
-def resolve_backbone_path(name: str, path: Any, vocab: Mapping[str, Any]) -> Any:
-    """``path`` itself, or for ``builtin:<spec>`` the folder of that tiny backbone (made from the
-    dataset's vocabulary under ``<root>/data/model/builtin``)."""
-    if not (isinstance(path, str) and path.startswith(BUILTIN_PREFIX)):
-        return path
-    spec = path[len(BUILTIN_PREFIX):]
-    want = TINY_BACKBONE.get(spec)
-    if want is not None and want != name:
-        raise UserError(f"backbone_path {path} is a '{want}' backbone; set backbone: {want}")
-    from lotcrs_plugin.paths import active_layout
-
-    return str(materialize_tiny(spec, vocab, active_layout().model / "builtin"))
 
 
 # ---- the model -------------------------------------------------------------------------------
@@ -189,16 +97,15 @@ class LOTCRSModel(nn.Module):
     """Built by CRSLab as ``LOTCRSModel(opt, device, vocab, side_data)`` (see the module docstring).
 
     Reads ``backbone``, ``backbone_path``, the ``lotcrs:`` block (``retrieval``, ``prompt``,
-    ``pooling``), the ``retrieval:`` block (fusion weight and dropout), the ``head:`` and the
-    ``evidence:`` blocks.
+    ``pooling``), the ``retrieval:`` block (fusion weight and dropout), the ``rerank:`` block (the
+    tail ranking's logit weight), the ``head:`` and the ``evidence:`` blocks.
     """
 
     def __init__(self, opt: Any, device: Any, vocab: Mapping[str, Any], side_data: Mapping[str, Any]):
         super().__init__()
-        from lotcrs_plugin.system.lotcrs import FinetuneConfig
-
         self.cfg = cfg = FinetuneConfig.from_dict(opt.get(BLOCK, None))
         self.retrieval_cfg = RetrievalConfig.from_dict(opt.get("retrieval", None))
+        self.rerank_cfg = RerankConfig.from_dict(opt.get("rerank", None))
         self.head_cfg = HeadConfig.from_dict(opt.get("head", None))
         self.evidence_cfg = EvidenceConfig.from_dict(opt.get("evidence", None))
         name = opt.get("backbone", None)
@@ -395,7 +302,7 @@ class LOTCRSModel(nn.Module):
             return ranking, None
         # the tail ranking: log(1 + N p_knn) + a * logit over tail items (head items pushed below)
         m = min(len(self.items), k)  # enough candidates for every slot after skipping the model's items
-        a = self.retrieval_cfg.tail_logit_weight
+        a = self.rerank_cfg.tail_logit_weight
         not_tail = torch.where(self.tail_items.to(ranking.top_ids.device), 0.0, NOT_TAIL)
         vote = (votes[0], knn_bonus(votes[1], self.knn.n_items, 1.0))
         if head is None:
@@ -419,5 +326,4 @@ class LOTCRSModel(nn.Module):
         return twin
 
 
-__all__ = ["BLOCK", "BUILTIN_PREFIX", "DEFAULT_PROMPT", "LOTCRSModel", "MODEL_NAME", "ModelOutput", "TINY_SPECS",
-           "materialize_tiny", "resolve_backbone_path", "tiny_vocabulary"]
+__all__ = ["BLOCK", "DEFAULT_PROMPT", "LOTCRSModel", "MODEL_NAME", "ModelOutput", "ScoreParts", "with_tail_slots"]

@@ -8,14 +8,15 @@ in a torch tensor, copied once to each device that queries it, so :meth:`MemoryS
 returns them where the query lives.
 
 The config block ``retrieval:`` (:class:`RetrievalConfig`) also carries the fusion and
-retrieval-loss settings that lotcrs_plugin.model.fusion uses.
+retrieval-loss settings that lotcrs_plugin.model.fusion uses; the kNN vote and the tail slots
+(beyond the paper) have their own block, ``rerank:`` (lotcrs_plugin.config_blocks.rerank).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from loguru import logger
 
+from lotcrs_plugin.config_blocks.rerank import RERANK_KEYS
 from lotcrs_plugin.errors import UserError
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivf_pq")
@@ -67,30 +69,6 @@ class RetrievalConfig:
       loss_weight:     its weight in the fine-tuning loss (authors: 0.6; 0 turns it off).
       n_pos, n_neg:    keys of the target item (positives) and of other items (negatives) per query.
       temperature:     softmax temperature of the scores.
-    kNN vote of the balanced store at evaluation (lotcrs_plugin.model.knn; beyond the paper):
-      knn_weight:      w in score_i = logit_i + w * log(1 + N * p_knn_i); 0 = off (the paper),
-                       "auto" = the value of knn_grid with the best validation selection score.
-      knn_grid:        the weights "auto" tries.
-      knn_metric:      the validation score "auto" maximises ('' = selection.metric; e.g.
-                       recall@10+tail_recall@50 to trade head accuracy for the tail explicitly).
-      knn_k:           simulated contexts that vote; knn_temperature: softmax temperature of
-                       their cosine similarities; knn_pooling: the frozen encoder's pooling.
-      knn_per_item:    simulated contexts kept per item (null: all).
-      knn_pretrain:    null: the vote's encoder is the run's pre-trained backbone (else
-                       backbone_path); a mapping: keys of ``lotcrs_pretrain`` that differ for a
-                       second pre-training whose export is the vote's encoder (its own
-                       ``run_name``; e.g. ``dmp_weight: 0`` for a CCA-only retriever).
-    Tail slots of the ranked lists at evaluation (lotcrs_plugin.model.tail_slots; beyond the paper):
-      tail_slots:      null: off; {cut-off: slots}: the last ``slots`` places of each top-cut-off
-                       block (after the previous cut-off) go to the tail items the kNN vote ranks
-                       best that the model's list does not hold already; "auto": chosen on
-                       validation from ``tail_slots_grid``.
-      tail_slots_grid: {cut-off: [slots, ...]}: the combinations "auto" tries.
-      tail_slots_metric: the validation score "auto" maximises.
-      tail_slots_keep: a validation metric the slots may not lower (e.g. recall@10: no slot
-                       costs head accuracy on validation); '' = none.
-      tail_logit_weight: the model's logit weight in the tail ranking (log(1 + N p_knn) +
-                       this x logit): orders the tail items the vote does not reach.
     """
 
     index: str = "flat"
@@ -112,25 +90,6 @@ class RetrievalConfig:
     n_pos: int = 4
     n_neg: int = 512
     temperature: float = 0.05
-    knn_weight: float | str = 0.0
-    knn_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0)
-    knn_metric: str = ""
-    knn_k: int = 100
-    knn_temperature: float = 0.05
-    knn_pooling: str = "mean"
-    knn_per_item: int | None = None
-    knn_pretrain: dict[str, Any] | None = None
-    tail_slots: dict[int, int] | str | None = None
-    tail_slots_grid: dict[int, tuple[int, ...]] = field(default_factory=lambda: {10: (0, 1, 2, 3),
-                                                                                  50: (0, 10, 20, 30, 40)})
-    tail_slots_metric: str = "recall@10+recall@50+tail_recall@10+tail_recall@50+tail_coverage@50"
-    tail_slots_keep: str = "recall@10"
-    tail_logit_weight: float = 0.001
-
-    @property
-    def knn_on(self) -> bool:
-        """The vote is built: it scores (knn_weight) or feeds the tail slots."""
-        return self.knn_weight == "auto" or float(self.knn_weight) > 0 or self.tail_slots is not None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "RetrievalConfig":
@@ -138,6 +97,9 @@ class RetrievalConfig:
         d = dict(d or {})
         known = [f.name for f in fields(cls)]
         for key in d:
+            if key in RERANK_KEYS:
+                raise UserError(f"key '{key}' belongs to the rerank: block now (the kNN vote and the tail slots); "
+                                f"move it to rerank.{key}")
             if key not in known:
                 raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
         if "index" in d and d["index"] not in INDEX_KINDS:
@@ -162,82 +124,11 @@ class RetrievalConfig:
                 if not _is_number(d[key]) or not low <= d[key] < high:
                     raise UserError(f"key '{key}' must be a number in [{low:g}, {high:g}), not {d[key]!r}")
                 d[key] = float(d[key])
-        for key in ("temperature", "knn_temperature"):
-            if key in d:
-                if not _is_number(d[key]) or not d[key] > 0:
-                    raise UserError(f"key '{key}' must be a number > 0, not {d[key]!r}")
-                d[key] = float(d[key])
-        if "knn_weight" in d and d["knn_weight"] != "auto":
-            if not _is_number(d["knn_weight"]) or not 0 <= d["knn_weight"] < math.inf:
-                raise UserError(f"key 'knn_weight' must be a number >= 0 or auto, not {d['knn_weight']!r}")
-            d["knn_weight"] = float(d["knn_weight"])
-        if "knn_grid" in d:
-            grid = d["knn_grid"]
-            if (not isinstance(grid, (list, tuple)) or not grid
-                    or not all(_is_number(v) and 0 <= v < math.inf for v in grid)):
-                raise UserError(f"key 'knn_grid' must be a non-empty list of numbers >= 0, not {grid!r}")
-            d["knn_grid"] = tuple(float(v) for v in grid)
-        if "knn_metric" in d and not isinstance(d["knn_metric"], str):
-            raise UserError(f"key 'knn_metric' must be a metric name like recall@10+tail_recall@50, not {d['knn_metric']!r}")
-        if "knn_k" in d and not (_is_int(d["knn_k"]) and d["knn_k"] > 0):
-            raise UserError(f"key 'knn_k' must be an integer > 0, not {d['knn_k']!r}")
-        if d.get("knn_per_item") is not None and not (_is_int(d["knn_per_item"]) and d["knn_per_item"] > 0):
-            raise UserError(f"key 'knn_per_item' must be an integer > 0 or null, not {d['knn_per_item']!r}")
-        if "knn_pooling" in d and d["knn_pooling"] not in ("cls", "mean", "first_last"):
-            raise UserError(f"key 'knn_pooling' must be one of cls, mean, first_last, not {d['knn_pooling']!r}")
-        if d.get("knn_pretrain") is not None:
-            over = d["knn_pretrain"]
-            if not isinstance(over, dict) or not isinstance(over.get("run_name"), str) or not over["run_name"]:
-                raise UserError(f"key 'knn_pretrain' must be null or a mapping of lotcrs_pretrain keys with its "
-                                f"own run_name (e.g. {{run_name: my_cca_pretrain, dmp_weight: 0}}), not {over!r}")
-            d["knn_pretrain"] = dict(over)
-        if d.get("tail_slots") is not None and d["tail_slots"] != "auto":
-            d["tail_slots"] = _slot_map(d["tail_slots"], "tail_slots", lambda v: _is_int(v) and v >= 0, "a slot count >= 0")
-            _check_slot_room({c: (q,) for c, q in d["tail_slots"].items()}, "tail_slots")
-        if "tail_slots_grid" in d:
-            grid = _slot_map(d["tail_slots_grid"], "tail_slots_grid",
-                             lambda v: isinstance(v, (list, tuple)) and v and all(_is_int(q) and q >= 0 for q in v),
-                             "a non-empty list of slot counts >= 0")
-            d["tail_slots_grid"] = {c: tuple(sorted(set(int(q) for q in v))) for c, v in grid.items()}
-            _check_slot_room(d["tail_slots_grid"], "tail_slots_grid")
-        for key in ("tail_slots_metric", "tail_slots_keep"):
-            if key in d and not isinstance(d[key], str):
-                raise UserError(f"key '{key}' must be a metric name like recall@10, not {d[key]!r}")
-        if "tail_logit_weight" in d:
-            if not _is_number(d["tail_logit_weight"]) or not 0 <= d["tail_logit_weight"] < math.inf:
-                raise UserError(f"key 'tail_logit_weight' must be a number >= 0, not {d['tail_logit_weight']!r}")
-            d["tail_logit_weight"] = float(d["tail_logit_weight"])
+        if "temperature" in d:
+            if not _is_number(d["temperature"]) or not d["temperature"] > 0:
+                raise UserError(f"key 'temperature' must be a number > 0, not {d['temperature']!r}")
+            d["temperature"] = float(d["temperature"])
         return cls(**d)
-
-
-TAIL_SLOT_DEPTH = 50  # the lists are the top 50 (CRSLab's deepest cut-off)
-
-
-def _slot_map(value: Any, key: str, ok: Any, what: str) -> dict[int, Any]:
-    """{cut-off: value} with integer cut-offs in 1..TAIL_SLOT_DEPTH (YAML may give them as strings)."""
-    if not isinstance(value, dict) or not value:
-        raise UserError(f"key '{key}' must be a mapping of cut-off -> {what} (e.g. {{10: 2, 50: 20}}), not {value!r}")
-    out = {}
-    for cut, v in value.items():
-        try:
-            c = int(cut)
-        except (TypeError, ValueError):
-            c = -1
-        if not 1 <= c <= TAIL_SLOT_DEPTH or isinstance(cut, bool):
-            raise UserError(f"key '{key}': cut-off {cut!r} must be an integer in 1..{TAIL_SLOT_DEPTH}")
-        if not ok(v):
-            raise UserError(f"key '{key}': cut-off {c} needs {what}, not {v!r}")
-        out[c] = v
-    return dict(sorted(out.items()))
-
-
-def _check_slot_room(slots: dict[int, tuple[int, ...]], key: str) -> None:
-    prev = 0
-    for cut, options in slots.items():
-        if max(options) > cut - prev:
-            raise UserError(f"key '{key}': {max(options)} slots do not fit between cut-offs {prev} and {cut} "
-                            f"({cut - prev} places)")
-        prev = cut
 
 
 def _is_int(v: Any) -> bool:
@@ -564,7 +455,8 @@ class MemoryStore:
         if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
             raise UserError(f"{path}: not a memory store of format {FORMAT} version {FORMAT_VERSION}")
         try:
-            config = RetrievalConfig.from_dict(manifest["config"])
+            # a store saved before the rerank: block existed holds its keys (as defaults or the vote's)
+            config = RetrievalConfig.from_dict({k: v for k, v in manifest["config"].items() if k not in RERANK_KEYS})
         except UserError as err:
             raise UserError(f"{path}: config: {err}") from None
         arrays = {}

@@ -98,6 +98,35 @@ def parse_metric(text: str) -> list[tuple[str, int | None]]:
     return terms
 
 
+def selection_score(evaluator: Any, terms: list[tuple[str, int | None]]) -> float | None:
+    """The sum of the metric ``terms`` (SelectionConfig.terms) over the evaluator's current samples;
+    None when one of them is undefined."""
+    total = 0.0
+    for name, k in terms:
+        value = _value(evaluator, name, k)
+        if value is None or math.isnan(value):
+            return None
+        total += value
+    return total
+
+
+def _value(evaluator: Any, name: str, k: int | None) -> float | None:
+    if name in LOSS_NAMES:
+        table = evaluator.optim_metrics.report()
+        key = name
+    elif name in CRSLAB_NAMES:
+        table = evaluator.rec_metrics.report()
+        key = f"{name}@{k}"
+    else:
+        table = (getattr(evaluator, "last_report", None) or {}).get("metrics", {})
+        key = f"{name}@{k}"
+    if key not in table:
+        raise UserError(f"selection: metric '{key}' is not in the validation report; "
+                        f"available: {', '.join(sorted(table)) or 'none'}")
+    value = table[key]
+    return float(value.value()) if hasattr(value, "value") else (None if value is None else float(value))
+
+
 def _stage_mode(args: tuple, kwargs: dict) -> tuple[Any, Any]:
     """(stage, mode) of a ``system.step(batch, stage, mode)`` call, positional or keyword."""
     stage = kwargs.get("stage", args[1] if len(args) > 1 else None)
@@ -181,31 +210,7 @@ class BestEpochSelector:
 
     def score(self) -> float | None:
         """The selection metric of the evaluator's current (validation) samples; None if undefined."""
-        evaluator = self.system.evaluator
-        total = 0.0
-        for name, k in self.terms:
-            value = self._value(evaluator, name, k)
-            if value is None or math.isnan(value):
-                return None
-            total += value
-        return total
-
-    @staticmethod
-    def _value(evaluator: Any, name: str, k: int | None) -> float | None:
-        if name in LOSS_NAMES:
-            table = evaluator.optim_metrics.report()
-            key = name
-        elif name in CRSLAB_NAMES:
-            table = evaluator.rec_metrics.report()
-            key = f"{name}@{k}"
-        else:
-            table = (getattr(evaluator, "last_report", None) or {}).get("metrics", {})
-            key = f"{name}@{k}"
-        if key not in table:
-            raise UserError(f"selection: metric '{key}' is not in the validation report; "
-                            f"available: {', '.join(sorted(table)) or 'none'}")
-        value = table[key]
-        return float(value.value()) if hasattr(value, "value") else (None if value is None else float(value))
+        return selection_score(self.system.evaluator, self.terms)
 
     def observe(self, epoch: int) -> None:
         """Score the validation report of ``epoch``; keep the model state when it is the best."""
@@ -269,18 +274,25 @@ class BestEpochSelector:
 
 
 def attach_selection(system: Any, opt: dict) -> BestEpochSelector | None:
-    """Attach best-epoch selection to a built CRSLab system as its config says (None when off)."""
+    """Attach best-epoch selection to a built CRSLab system as its config says (None when off, or
+    when the system selects its best epoch itself: ``owns_selection``, e.g. LOT-CRS, whose
+    ``selection_summary()`` the results then record; one mechanism per run, never two)."""
     try:
         config = SelectionConfig.from_dict(opt.get("selection") or {})
     except UserError as err:
         raise UserError(f"config block 'selection': {err}") from None
-    if not config.enabled or not hasattr(system, "evaluator"):
+    if not config.enabled or not hasattr(system, "evaluator") or getattr(system, "owns_selection", False):
         return None
     return BestEpochSelector(system, config).attach()
 
 
-def selection_summary(selector: BestEpochSelector | None) -> dict[str, Any]:
+OFF = {"enabled": False, "note": "selection off: the last epoch's model is tested (CRSLab's behaviour)"}
+
+
+def selection_summary(selector: BestEpochSelector | None, system: Any = None) -> dict[str, Any]:
     """The results JSON's ``selection`` entry, also when selection is off."""
+    if selector is None and getattr(system, "owns_selection", False):
+        return system.selection_summary() or dict(OFF)
     if selector is None:
-        return {"enabled": False, "note": "selection off: the last epoch's model is tested (CRSLab's behaviour)"}
+        return dict(OFF)
     return selector.summary()
