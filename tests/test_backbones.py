@@ -3,7 +3,6 @@ item tokens, the prompt format, the verbaliser, save/load, the registry."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,13 +16,9 @@ from lotcrs_plugin.model.backbones import (
 )
 from lotcrs_plugin.registry import RegistryError
 
-from conftest import SHARED_DATA
+from support import NAMES, tiny_bart, tiny_bert, tiny_unicrs
 
-GPT2_BPE = Path(os.environ.get("LOTCRS_GPT2_BPE", SHARED_DATA.parent / "models" / "gpt2-bpe"))
 MINILM = Path(os.path.expanduser("~/.cache/lotcrs/models/all-MiniLM-L6-v2"))
-WORDS = ("hi i like movies with you should watch the a great comedy film directed by hidden echo city secret "
-         "river anna berg it is so and").split()
-NAMES = ["Hidden Echo (1984)", "Secret River (1990)", "Anna"]
 ENTITY_IDS = [5, 6, 7]
 
 
@@ -35,92 +30,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# ---- tiny models (also used by test_pretrain.py) ----------------------------------------------
-
-def tiny_bert(folder: Path, words=WORDS, with_head: bool = False, dropout: float = 0.1) -> Path:
-    """A 2-layer BERT with a WordPiece vocabulary of ``words``, saved like all-MiniLM-L6-v2
-    (encoder weights only) unless ``with_head``."""
-    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    punct = list("()[],.!?'-:;&")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words) - set(punct)), *punct,
-             *(str(d) for d in range(10))]
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(folder)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=160, hidden_dropout_prob=dropout,
-                        attention_probs_dropout_prob=dropout)
-    torch.manual_seed(0)
-    (BertForMaskedLM if with_head else BertModel)(config).save_pretrained(folder)
-    return folder
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable alphabet for the 256 bytes."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def bpe_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The real GPT-2 byte-level BPE (../shared/models/gpt2-bpe), else the bare byte alphabet."""
-    if (GPT2_BPE / "vocab.json").is_file():
-        vocab = json.loads((GPT2_BPE / "vocab.json").read_text(encoding="utf-8"))
-        merges = [tuple(line.split()) for line in (GPT2_BPE / "merges.txt").read_text(encoding="utf-8").splitlines()
-                  if line and not line.startswith("#version")]
-        return vocab, merges
-    alphabet = sorted(_bytes_to_unicode().values())
-    return {**{c: i for i, c in enumerate(alphabet)}, "<|endoftext|>": len(alphabet)}, []
-
-
-def roberta_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """RoBERTa's layout of the same BPE: <s> <pad> </s> <unk> first, <mask> last (ids differ from GPT-2's)."""
-    vocab, merges = bpe_files()
-    out = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"])}
-    for token, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
-        out.setdefault(token, len(out))
-    out["<mask>"] = len(out)
-    return out, merges
-
-
-def tiny_bart(folder: Path) -> Path:
-    from transformers import BartConfig, BartForConditionalGeneration, RobertaTokenizer
-
-    tok = RobertaTokenizer(*roberta_bpe())
-    tok.save_pretrained(folder)
-    config = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=160,
-                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=None)
-    torch.manual_seed(0)
-    BartForConditionalGeneration(config).save_pretrained(folder)
-    return folder
-
-
-def tiny_unicrs(folder: Path) -> Path:
-    """folder/decoder (GPT-2, 2 layers, hidden 32) and folder/text_encoder (RoBERTa, same size)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, RobertaConfig, RobertaModel, RobertaTokenizer
-
-    vocab, merges = bpe_files()
-    tok = GPT2Tokenizer(vocab=vocab, merges=merges)
-    tok.save_pretrained(folder / "decoder")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=512)).save_pretrained(
-        folder / "decoder")
-    etok = RobertaTokenizer(*roberta_bpe())
-    etok.save_pretrained(folder / "text_encoder")
-    config = RobertaConfig(vocab_size=len(etok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=520, pad_token_id=etok.pad_token_id)
-    RobertaModel(config, add_pooling_layer=False).save_pretrained(folder / "text_encoder")
-    return folder
 
 
 def tiny_kg(n_entity: int = 12) -> EntityKG:

@@ -677,7 +677,10 @@ def test_recommender_trains_and_evaluates_through_its_system(name, root, tiny_pr
     system.train_recommender()  # one epoch: train, valid, test
     rec = system.evaluator.rec_metrics.report()
     assert {"hit@1", "hit@10", "hit@50", "ndcg@50", "mrr@50"} <= set(rec)
-    assert 0.0 <= rec["hit@50"].value() <= 1.0
+    hit = [rec[f"hit@{k}"].value() for k in (1, 10, 50)]
+    assert 0.0 <= hit[0] <= hit[1] <= hit[2] <= 1.0  # a deeper list holds every shallower one's hits
+    # per sample, 1/rank <= 1/log2(rank + 1) <= 1 for a hit: MRR <= NDCG <= hit rate
+    assert rec["mrr@50"].value() <= rec["ndcg@50"].value() + 1e-9 <= hit[2] + 2e-9
     assert math.isfinite(system.evaluator.optim_metrics["rec_loss"])
     if hasattr(system, "conv_model") or name in ("KBRD", "KGSF"):
         system.train_conversation()

@@ -87,7 +87,7 @@ def quiet_bert(tmp_path_factory) -> Path:
     from lotcrs_plugin.data.simulator import load_simulated, simulate
     from lotcrs_plugin.data.synthetic import SyntheticConfig, ensure_generated
 
-    from test_backbones import tiny_bert
+    from support import tiny_bert
 
     root = tmp_path_factory.mktemp("ddp_vocab")
     folder = ensure_generated(SyntheticConfig(**SMALL), root / "dataset")

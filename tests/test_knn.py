@@ -16,7 +16,9 @@ from lotcrs_plugin.model.knn import aggregate_votes, knn_bonus
 from lotcrs_plugin.config_blocks.rerank import RerankConfig
 from lotcrs_plugin.model.retrieval import RetrievalConfig
 
-from test_lotcrs import _system, backbone_paths, one_thread, plugin, tiny_opt  # noqa: F401  (fixtures)
+from support import build_system, tiny_opt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_votes_of_repeated_items_are_summed_per_row():
@@ -71,7 +73,7 @@ def test_config_keys_are_validated():
 def test_a_heavy_vote_puts_the_nearest_simulated_items_first(plugin, backbone_paths):
     opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False)
     opt["rerank"] = dict(knn_weight=0.0, knn_k=5)
-    system = _system(opt)
+    system = build_system(opt)
     voter = system.build_knn()
     model = system.model
     model.eval()
@@ -124,7 +126,7 @@ def test_weight_choice_scores_equal_full_validation_passes(plugin, backbone_path
 
     opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False)
     opt["rerank"] = dict(knn_weight="auto", knn_grid=[0, 0.5, 3], knn_k=8, knn_metric="recall@10+ndcg@50")
-    system = _system(opt)
+    system = build_system(opt)
     voter = system.build_knn()
     system.choose_knn_weight()
     chosen = system.knn_selection["scores"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,104 +15,12 @@ import torch
 import yaml
 
 from lotcrs_plugin import config as run_config
-from lotcrs_plugin import registry
 from lotcrs_plugin.errors import UserError
 
-from test_backbones import bpe_files as _gpt2_bpe
-from test_backbones import tiny_bart, tiny_unicrs
+from support import DEMO, PAPER_HEAD, SMALL, assert_longtail_in_range, build_system, tiny_opt
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "crslab_configs"
-DEMO = REPO / "lotcrs_plugin" / "configs" / "lotcrs_demo.yaml"
-SMALL = {"n_items": 60, "n_conversations": 160, "seed": 3}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two OpenMP threads stall each other (these
-    tiny models run several times faster on one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def plugin(monkeypatch):
-    """The LOT-CRS parts in CRSLab's tables and the config (idempotent once the lead's registry
-    and config lines are in)."""
-    monkeypatch.setitem(run_config.CONFIG_BLOCKS, "lotcrs", "lotcrs_plugin.config_blocks.finetune:FinetuneConfig")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    registry.register_all()
-    from lotcrs_plugin.data.finetune_samples import LOTCRSDataLoader
-    from lotcrs_plugin.model.lotcrs import LOTCRSModel
-    from lotcrs_plugin.system import lotcrs
-
-    registry.register_model(lotcrs.MODEL_NAME, LOTCRSModel)
-    registry.register_system(lotcrs.MODEL_NAME, lotcrs.LOTCRSSystem)
-    registry.register_dataloader(lotcrs.MODEL_NAME, LOTCRSDataLoader)
-    return lotcrs
-
-
-def small_bpe(n_merges: int = 3000):
-    """GPT-2's byte-level BPE cut to its first merges (a valid BPE: its byte alphabet, then the
-    results of the merges kept, in order): 25x fewer rows in every embedding and LM head."""
-    vocab, merges = _gpt2_bpe()
-    if not merges:
-        return vocab, merges
-    by_id = sorted(vocab.items(), key=lambda kv: kv[1])
-    kept = dict(by_id[:256 + n_merges])
-    kept["<|endoftext|>"] = len(kept)
-    return kept, merges[:n_merges]
-
-
-@pytest.fixture(scope="module")
-def backbone_paths(tmp_path_factory) -> dict[str, str]:
-    import test_backbones
-
-    root = tmp_path_factory.mktemp("lotcrs_backbones")
-    with pytest.MonkeyPatch.context() as mp:  # the helpers read bpe_files() at call time
-        mp.setattr(test_backbones, "bpe_files", small_bpe)
-        return {"bert": "builtin:tiny-bert", "bart": str(tiny_bart(root / "bart")),
-                "unicrs": str(tiny_unicrs(root / "unicrs"))}
-
-
-# the paper's scoring path: the verbaliser at the mask, no evidence term (tests of fusion and ranking
-# written against Backbone.item_logits use it; the pipeline tests run the defaults)
-PAPER_HEAD = {"head": {"type": "verbaliser"},
-              "evidence": {"items": False, "attributes": False, "item_attributes": False}}
-
-
-def tiny_opt(backbone: str, path: str, blocks: dict | None = None, **lotcrs) -> dict:
-    """The demo config shrunk to seconds: 2 pre-training steps, one short fine-tuning epoch;
-    ``blocks``: top-level blocks set as given (e.g. PAPER_HEAD)."""
-    opt = yaml.safe_load(DEMO.read_text())
-    opt.update(blocks or {})
-    opt["synthetic"] = dict(SMALL)
-    opt["simulation"] = {"per_item": 2}
-    opt["backbone"], opt["backbone_path"] = backbone, path
-    opt["lotcrs_pretrain"] = {"run_name": f"t_{backbone}_pre", "epochs": 1, "max_steps": 2, "batch_size": 4,
-                              "grad_accumulation": 1, "lr": 0.01, "max_length": 48, "checkpoint_every": 0,
-                              "eval_max_batches": 1, "pooling": "mean"}
-    opt["retrieval"] = {"top_k": 4, "max_per_item": 2, "n_neg": 32, "loss_weight": 0.6}
-    opt["lotcrs"] = {"run_name": f"t_{backbone}", "epochs": 1, "batch_size": 16, "grad_accumulation": 1,
-                     "eval_batch_size": 64, "lr": 0.005, "max_length": 48, "max_train_batches": 2, "impatience": 0,
-                     "teacher_epochs": 1, "teacher_max_samples": 16, "teacher_lr": 0.005, **lotcrs}
-    return opt
-
-
-def assert_longtail_in_range(report: dict) -> None:
-    ks = report["ks"]
-    for part in [report, *report["subsets"].values()]:
-        assert part["n_samples"] > 0
-        m = part["metrics"]
-        for k in ks:
-            for name in ("recall", "ndcg", "mrr", "coverage", "tail_coverage", "gini"):
-                v = m[f"{name}@{k}"]
-                assert v is not None and 0.0 <= v <= 1.0 and not math.isnan(v), (name, k, v)
-            assert m[f"avg_popularity@{k}"] >= 0
-        assert m["recall@1"] <= m["recall@10"] <= m["recall@50"]
-        assert m["coverage@1"] <= m["coverage@10"] <= m["coverage@50"]
+CONFIGS = Path(__file__).resolve().parents[1] / "crslab_configs"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the whole pipeline ----------------------------------------------------------------------
@@ -224,23 +131,9 @@ def test_an_interrupted_run_resumes_to_the_numbers_of_a_straight_run(plugin, bac
 
 # ---- inside the model ------------------------------------------------------------------------
 
-def _system(opt: dict):
-    opt = run_config.validate(opt)
-    registry.register_all()
-    run_config.check_names(opt)
-    crs = run_config.to_crslab_config(opt)
-    from crslab.data import get_dataloader, get_dataset
-    from crslab.system import get_system
-
-    dataset = get_dataset(crs, crs["tokenize"], False, False)
-    loaders = [get_dataloader(crs, split, dataset.vocab)
-               for split in (dataset.train_data, dataset.valid_data, dataset.test_data)]
-    return get_system(crs, *loaders, dataset.vocab, dataset.side_data)
-
-
 @pytest.fixture
 def bert_system(plugin, backbone_paths):
-    system = _system(tiny_opt("bert", backbone_paths["bert"], PAPER_HEAD, pretrain=False))
+    system = build_system(tiny_opt("bert", backbone_paths["bert"], PAPER_HEAD, pretrain=False))
     torch.manual_seed(0)
     return system
 
@@ -333,17 +226,15 @@ def test_label_smoothness_pulls_the_student_towards_the_teacher(bert_system):
 
 def test_recommendation_samples_and_the_mentioned_flag(tmp_path):
     from lotcrs_plugin.data.finetune_samples import RecData, recommendation_index, simulated_index, turn_roles
-    from lotcrs_plugin.data.pretrain_samples import ItemVocab, tokenize_dialogs
+    from lotcrs_plugin.data.pretrain_samples import tokenize_dialogs
     from lotcrs_plugin.model.backbones import build_backbone
 
-    from test_pretrain import DIALOGS, ENTITY2ID, ITEMS
+    from support import DIALOGS, ENTITY2ID, ITEMS, tiny_bert
 
     dialogs = copy.deepcopy(DIALOGS)
     # dialog a: the Recommender names item 0 (turn 1) and then items 1, 0 and 1 again (turn 3)
     dialogs[0]["dialog"][3]["movies"] = ["Hidden Echo (1984)", "Secret River (1990)", "Hidden Echo (1984)"]
     words = [w for d in dialogs for t in d["dialog"] for w in t["text"]]
-    from test_backbones import tiny_bert
-
     bb = build_backbone("bert", str(tiny_bert(tmp_path, words + ["1984", "1990"])))
     bb.add_item_tokens(ITEMS.display_names, ITEMS.entity_ids)
     table = tokenize_dialogs(dialogs, bb.tokenizer, bb.sep_ids, ITEMS, ENTITY2ID)
@@ -389,3 +280,7 @@ def test_every_lotcrs_config_file_validates(plugin):
             assert opt["evaluator"] == "longtail", path
     with pytest.raises(UserError, match="block 'lotcrs': key 'epochs' must be an integer"):
         run_config.validate(dict(yaml.safe_load(DEMO.read_text()), lotcrs={"epochs": "two"}))
+    # a kNN or tail-slot key in its old place (retrieval:) names its new one
+    with pytest.raises(UserError, match=r"block 'retrieval': key 'tail_slots' belongs to the rerank: block now.*"
+                                        r"move it to rerank\.tail_slots$"):
+        run_config.validate(dict(yaml.safe_load(DEMO.read_text()), retrieval={"tail_slots": "auto"}))

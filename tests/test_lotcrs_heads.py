@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from test_lotcrs import (  # noqa: F401  (fixtures)
-    PAPER_HEAD, _system, assert_longtail_in_range, backbone_paths, one_thread, plugin, tiny_opt,
-)
+from support import PAPER_HEAD, assert_longtail_in_range, build_system, tiny_opt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NO_EVIDENCE = {"items": False, "attributes": False, "item_attributes": False}
 
@@ -32,7 +32,7 @@ def test_every_head_runs_the_whole_pipeline(plugin, backbone_paths, lotcrs_home,
 
 @pytest.mark.parametrize("head", ["linear", "dot"])
 def test_store_values_are_the_heads_read_and_fusion_feeds_the_head(plugin, backbone_paths, head):
-    system = _system(tiny_opt("bert", backbone_paths["bert"], {"head": {"type": head}, "evidence": NO_EVIDENCE},
+    system = build_system(tiny_opt("bert", backbone_paths["bert"], {"head": {"type": head}, "evidence": NO_EVIDENCE},
                               pretrain=False))
     model = system.model
     store = system.build_store()
@@ -56,7 +56,7 @@ def test_evidence_term_is_learned_by_fine_tuning_and_absent_when_off(plugin, bac
     scores; with every channel off the model has no term and the batches carry no evidence."""
     opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False, max_train_batches=4)
     opt["smoothing"] = {"teacher": "none"}
-    system = _system(opt)
+    system = build_system(opt)
     term = system.model.evidence
     assert term is not None
     before = {k: v.detach().clone() for k, v in term.state_dict().items()}
@@ -73,13 +73,13 @@ def test_evidence_term_is_learned_by_fine_tuning_and_absent_when_off(plugin, bac
     with torch.no_grad():
         assert float(term(states, batch.evidence).abs().max()) > 0.0
 
-    off = _system(tiny_opt("bert", backbone_paths["bert"], {"evidence": NO_EVIDENCE}, pretrain=False))
+    off = build_system(tiny_opt("bert", backbone_paths["bert"], {"evidence": NO_EVIDENCE}, pretrain=False))
     assert off.model.evidence is None
     assert next(iter(off.batches(off.data("valid"), train=False))).evidence is None
 
 
 def test_head_and_evidence_learn_at_their_own_rates(plugin, backbone_paths):
-    system = _system(tiny_opt("bert", backbone_paths["bert"], {"head": {"type": "dot", "lr": 0.003},
+    system = build_system(tiny_opt("bert", backbone_paths["bert"], {"head": {"type": "dot", "lr": 0.003},
                                                                "evidence": {"lr": 0.02}}, pretrain=False))
     system.build_optim()
     rate = {id(p): g["lr"] for g in system.optimizer.param_groups for p in g["params"]}
@@ -105,5 +105,5 @@ def test_two_runs_of_one_config_and_seed_give_the_same_metrics(plugin, backbone_
 
 
 def test_paper_head_config_is_the_verbaliser_without_evidence(plugin, backbone_paths):
-    system = _system(tiny_opt("bert", backbone_paths["bert"], PAPER_HEAD, pretrain=False))
+    system = build_system(tiny_opt("bert", backbone_paths["bert"], PAPER_HEAD, pretrain=False))
     assert system.model.head.name == "verbaliser" and system.model.evidence is None

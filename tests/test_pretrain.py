@@ -14,13 +14,13 @@ import yaml
 from lotcrs_plugin import config as run_config
 from lotcrs_plugin import registry
 from lotcrs_plugin.data.pretrain_samples import (
-    ItemVocab, PretrainBatchSampler, PretrainData, cca_index, collate, dmp_index, tokenize_dialogs,
+    PretrainBatchSampler, PretrainData, cca_index, collate, dmp_index, tokenize_dialogs,
 )
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones import build_backbone
 from lotcrs_plugin.model.pretrain_losses import IGNORE, info_nce, mask_keywords
 
-from test_backbones import tiny_bert
+from support import DIALOG_WORDS, DIALOGS, ENTITY2ID, ITEMS, tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "crslab_configs" / "lotcrs_pretrain_synthetic.yaml"
@@ -94,33 +94,9 @@ def test_info_nce_pairs_and_same_target_columns():
 
 # ---- samples from dialogs --------------------------------------------------------------------
 
-def _turn(role, text, movies=(), entity=()):
-    return {"role": role, "text": text.lower().split(), "raw_text": text, "movies": list(movies),
-            "entity": list(entity), "word": []}
-
-
-DIALOGS = [
-    {"conv_id": "a", "dialog": [
-        _turn("Seeker", "Hi, I love comedy movies with Anna Berg.", entity=["comedy", "Anna Berg"]),
-        _turn("Recommender", "Have you seen Secret River (1990)?", movies=["Secret River (1990)"]),
-        _turn("Seeker", "Yes! Anything else?"),
-        _turn("Recommender", "Then you should watch Hidden Echo (1984).", movies=["Hidden Echo (1984)"]),
-    ]},
-    {"conv_id": "b", "dialog": [
-        _turn("Seeker", "I like a great film by Anna Berg.", entity=["Anna Berg"]),
-        _turn("Recommender", "hidden echo is great.", movies=["Hidden Echo (1984)"]),
-    ]},
-    {"conv_id": "c", "dialog": [_turn("Seeker", "hi"), _turn("Recommender", "hi")]},
-]
-ENTITY2ID = {"Secret River (1990)": 1, "Hidden Echo (1984)": 2, "comedy": 3, "Anna Berg": 4}
-ITEMS = ItemVocab([1, 2], ["Secret River (1990)", "Hidden Echo (1984)"], ["Secret River (1990)", "Hidden Echo (1984)"])
-WORDS = [w for d in DIALOGS for t in d["dialog"] for w in t["raw_text"].lower().replace("(", " ").replace(")", " ")
-         .replace(",", " ").replace(".", " ").replace("?", " ").replace("!", " ").split()]
-
-
 @pytest.fixture(scope="module")
 def small_bert(tmp_path_factory):
-    backbone = build_backbone("bert", str(tiny_bert(tmp_path_factory.mktemp("bert"), WORDS + ["1984", "1990"])))
+    backbone = build_backbone("bert", str(tiny_bert(tmp_path_factory.mktemp("bert"), DIALOG_WORDS + ["1984", "1990"])))
     backbone.add_item_tokens(ITEMS.display_names, ITEMS.entity_ids)
     return backbone
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.evaluator.ranking import block_shape, rank_chunked, rank_dense, rank_linear
 
-from test_lotcrs import backbone_paths, plugin  # noqa: F401  (fixtures of the system test)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,7 +87,7 @@ def test_no_target_gives_rank_minus_one_and_k_is_capped():
 def test_backbone_item_head_is_the_verbaliser(tmp_path):
     from lotcrs_plugin.model.backbones import build_backbone
 
-    from test_backbones import NAMES, tiny_bert
+    from support import NAMES, tiny_bert
 
     bb = build_backbone("bert", str(tiny_bert(tmp_path / "bert", with_head=True)))
     bb.add_item_tokens(NAMES)
@@ -120,9 +119,9 @@ def test_system_evaluation_ranks_in_chunks_as_the_dense_scores(plugin, backbone_
     for the paper's verbaliser and for the default head with the evidence term."""
     import numpy as np
 
-    from test_lotcrs import PAPER_HEAD, _system, tiny_opt
+    from support import PAPER_HEAD, build_system, tiny_opt
 
-    system = _system(tiny_opt("bert", backbone_paths["bert"], PAPER_HEAD if paper else None, pretrain=False,
+    system = build_system(tiny_opt("bert", backbone_paths["bert"], PAPER_HEAD if paper else None, pretrain=False,
                               eval_chunk_elements=64 * 7))
     model = system.model
     system.build_store()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from lotcrs_plugin import registry
@@ -76,6 +77,9 @@ def test_runs_in_crslab_with_the_longtail_evaluator():
     assert all(0.0 <= rec[f"hit@{k}"] <= 1.0 and not math.isnan(rec[f"hit@{k}"]) for k in (1, 10, 50))
     assert rec["hit@1"] <= rec["hit@10"] <= rec["hit@50"]
     longtail = result.test["longtail"]
+    # one target per sample: CRSLab's hit@k and the long-tail evaluator's recall@k count the same lists
+    for k in (1, 10, 50):
+        assert rec[f"hit@{k}"] == pytest.approx(longtail["metrics"][f"recall@{k}"], abs=1e-9), k
     assert longtail["n_samples"] > 0 and longtail["tail"]["catalog_size"] == 60
     # the head of every list is the mentioned items, so lists differ across samples
     assert longtail["metrics"]["coverage@1"] > 1 / 60

@@ -45,6 +45,18 @@ def test_crslab_recommenders_run(config):
     result = run(load(config))
     assert_rec_metrics_in_range(result.test["rec"])
     assert Path(result.results_file).is_file() and Path(result.log_file).is_file()
+    assert_results_file_is_the_result(result)
+    # one epoch, validated once: the selection hook saw it and tested it
+    assert [h["epoch"] for h in result.selection["history"]] == [0] and result.selection["selected_epoch"] == 0
+
+
+def assert_results_file_is_the_result(result) -> None:
+    """The results file holds the test metrics the run returned and the config that ran."""
+    import json
+
+    saved = json.loads(Path(result.results_file).read_text())
+    assert saved["test"] == result.test and saved["config"] == json.loads(json.dumps(result.config, default=str))
+    assert saved["selection"] == json.loads(json.dumps(result.selection, default=str))
 
 
 def test_kbrd_runs_rec_and_conv():
@@ -52,6 +64,10 @@ def test_kbrd_runs_rec_and_conv():
     assert_rec_metrics_in_range(result.test["rec"])
     gen = result.test["gen"]
     assert 0.0 <= gen["f1"] <= 1.0
+    assert_results_file_is_the_result(result)
+    # both stages were tested: a rec report and a gen report in test mode
+    modes = [(bool(r.get("rec")), bool(r.get("gen"))) for r in result.reports if r["mode"] == "test"]
+    assert any(rec for rec, _ in modes) and any(gen for _, gen in modes)
 
 
 def _tiny_bert(folder: Path, words: list[str]) -> Path:

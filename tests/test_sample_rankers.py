@@ -8,7 +8,9 @@ import torch
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.sample_rankers import SampleRanker, repeated_items, train_popularity
 
-from test_lotcrs import backbone_paths, one_thread, plugin, tiny_opt  # noqa: F401  (fixtures)
+from support import tiny_opt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_repeated_items_keep_the_last_mention():

@@ -20,7 +20,7 @@ from lotcrs_plugin.data.simulator.templates import BASE_SLOTS, load_template_fil
 from lotcrs_plugin.data.simulator.threads import ThreadSampler
 from lotcrs_plugin.errors import UserError
 
-from conftest import SHARED_DATA
+from support import SHARED_DATA
 
 # ---------------------------------------------------------------------------- a small dataset
 

@@ -13,7 +13,9 @@ from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.config_blocks.rerank import RerankConfig
 from lotcrs_plugin.model.tail_slots import grid_settings, merge_tail_slots, slot_mask
 
-from test_lotcrs import _system, backbone_paths, one_thread, plugin, tiny_opt  # noqa: F401  (fixtures)
+from support import build_system, tiny_opt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_slot_mask_reserves_the_last_places_before_each_cut_off():
@@ -60,7 +62,7 @@ def test_config_keys_are_validated():
 def test_slots_put_the_votes_tail_items_at_the_reserved_places(plugin, backbone_paths):
     opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False)
     opt["rerank"] = dict(knn_weight=0.0, knn_k=8, tail_slots={10: 3})
-    system = _system(opt)
+    system = build_system(opt)
     voter = system.build_knn()
     model = system.model
     model.eval()

@@ -2,49 +2,33 @@
 
     crslab run --config crslab_configs/lotcrs_redial.yaml
 
-``fit()`` runs the pipeline of the paper (Zhao et al., RecSys 2023; /work/shared/LOTCRS_NOTES.md):
+``fit()`` runs the pipeline of the paper (Zhao et al., RecSys 2023; /work/shared/LOTCRS_NOTES.md),
+each stage a module of its own with a small interface that this class calls:
 
-1. pre-training (``lotcrs.pretrain: true``): :class:`~lotcrs_plugin.system.pretrain.LOTCRSPretrainSystem`
-   with the ``lotcrs_pretrain:`` block (DMP + CCA on the balanced simulated data); its export
-   replaces the backbone. With ``pretrain: false`` the backbone is ``backbone_path`` as it is: a
-   raw model (the "no pre-training" ablation) or the export of an earlier pre-training run
-   (``<root>/save/<run>/backbone``: a pre-trained checkpoint);
-2. the memory store (``lotcrs.retrieval: true``): one entry per simulated dialog (at most
-   ``retrieval.max_per_item`` per item), key = the representation of its context with the target
-   masked, value = the backbone's state at the mask, built with the pre-trained backbone; kept
-   fixed (``store_refresh: fixed``, the authors') or recomputed with the fine-tuned backbone after
-   every epoch (``store_refresh: epoch``);
-3. the label-smoothness teacher (``smoothing.teacher: simulated | real``, ``none`` = off): a copy
-   of the pre-trained model without retrieval, fine-tuned for ``teacher_epochs`` on the simulated
-   dialogs (the paper's description) or on the real training split (the authors' code trains a
-   KGSF there); its item distribution for every training sample is computed once and cached
-   (TeacherScores) in the run folder;
-4. fine-tuning on the real training split: loss = CE + beta * KL(teacher || student)
-   (+ ``retrieval.loss_weight`` x the retrieval loss of the query against the store's keys);
-   after every epoch the validation split is scored; the model of the best validation epoch
-   (``selection:`` block, default hit@1+hit@50) is tested; ``impatience`` epochs without a better
-   score stop training;
-5. test with the evaluator (``evaluator: longtail``): every metric over all test samples and over
-   the subset ``unmentioned`` (targets not named earlier in the dialog).
+1. pre-training (``lotcrs.pretrain: true``; lotcrs_plugin.system.pretrain): DMP + CCA on the
+   balanced simulated data; its export replaces the backbone. With ``pretrain: false`` the
+   backbone is ``backbone_path`` as it is (a raw model: the "no pre-training" ablation; or the
+   export of an earlier pre-training run, ``<root>/save/<run>/backbone``);
+2. the memory store (``lotcrs.retrieval: true``; .store), and the re-ranker (``rerank:`` block;
+   .rerank; beyond the paper): the kNN vote of the simulated contexts and the tail slots;
+3. the label-smoothness teacher (``smoothing.teacher``; .teacher);
+4. fine-tuning on the real training split, validated after every epoch (.finetune, on the training
+   loop of .loop). The best epoch is fine-tuning's own choice (``selection:`` block, scored as
+   lotcrs_plugin.system.selection scores it, ties keep the earlier epoch): the runner attaches no
+   selection hook to this system and records :meth:`LOTCRSSystem.selection_summary`;
+5. test of the best epoch's model (``evaluator: longtail``): all test samples and the subset
+   ``unmentioned`` (targets not named earlier in the dialog).
 
-Recommendation samples (lotcrs_plugin.data.finetune_samples): one per distinct item named in a
-Recommender turn, context = the turns before it, the last ``max_length`` tokens with the prompt.
+The samples of every stage: .samples (lotcrs_plugin.data.finetune_samples: one per distinct item
+named in a Recommender turn, context = the turns before it). Talking to it: .interact.
 
 Files under ``<root>/save/<run name>/`` (``lotcrs.run_name``, else ``<dataset>_<backbone>_lotcrs``):
 ``checkpoint.pt`` (model, optimizer, scheduler, epoch, selection state, RNG; written after every
 epoch; ``resume: true`` continues after the last finished epoch), ``best.pt`` (the best validation
 epoch's model), ``store/`` (the memory store), ``teacher/`` (cached teacher distributions),
 ``finetune.json`` (summary). ``crslab run --save-system`` writes the tested model to
-``<root>/save/<model_file or LOTCRS.pth>`` and its store beside it (``.store/``);
-``--restore-system`` loads both and only tests.
-
-Each stage is a module of its own, which this pipeline calls: the samples
-(lotcrs_plugin.system.samples), pre-training (lotcrs_plugin.system.pretrain), the store
-(.store), the re-ranker, i.e. the kNN vote and the tail slots (.rerank; ``rerank:`` block, beyond
-the paper), the teacher (.teacher), fine-tuning with validation and test (.finetune, on the training
-loop of .loop) and interaction (.interact). Best-epoch selection is fine-tuning's own (same
-``selection:`` block and score as lotcrs_plugin.system.selection, ties keep the earlier epoch, test
-never seen); the runner reads it through :meth:`LOTCRSSystem.selection_summary` and attaches no hook.
+``<root>/save/<model_file or LOTCRS.pth>``, its store and its vote beside it (.saved);
+``--restore-system`` loads them and only tests.
 """
 
 from __future__ import annotations
@@ -74,16 +58,13 @@ from lotcrs_plugin.model.knn import KnnVoter  # noqa: E402
 from lotcrs_plugin.model.lotcrs import MODEL_NAME, LOTCRSModel  # noqa: E402
 from lotcrs_plugin.model.retrieval import MemoryStore  # noqa: E402
 from lotcrs_plugin.model.smoothing import SmoothingConfig, TeacherScores  # noqa: E402
-from lotcrs_plugin.system import distributed, interact  # noqa: E402
+from lotcrs_plugin.system import distributed, interact, saved  # noqa: E402
 from lotcrs_plugin.system.finetune import CHECKPOINT, FineTuner  # noqa: E402
-from lotcrs_plugin.system.loop import atomic_save  # noqa: E402
-from lotcrs_plugin.system.rerank import Reranker, knn_pretrain_config, load_knn  # noqa: E402
+from lotcrs_plugin.system.rerank import Reranker, knn_pretrain_config  # noqa: E402
 from lotcrs_plugin.system.samples import RecSamples, autocast  # noqa: E402
 from lotcrs_plugin.system.selection import SelectionConfig  # noqa: E402
 from lotcrs_plugin.system.store import StoreStage  # noqa: E402
 from lotcrs_plugin.system.teacher import teacher_scores  # noqa: E402
-
-SYSTEM_FORMAT = "lotcrs-system"
 
 
 class LOTCRSSystem(BaseSystem):
@@ -175,24 +156,13 @@ class LOTCRSSystem(BaseSystem):
     # -- 1. pre-training
 
     def _pretraining(self, overrides: Mapping[str, Any] | None = None) -> Path:
-        """Run the pre-training system with this config's ``lotcrs_pretrain:`` block (updated by
-        ``overrides``) and return its export (a finished run is only exported again)."""
-        from crslab.config.config import Config
+        """Run pre-training with this config's ``lotcrs_pretrain:`` block (updated by ``overrides``);
+        its export (lotcrs_plugin.system.pretrain.run_pretraining)."""
+        from lotcrs_plugin.system.pretrain import run_pretraining
 
-        from lotcrs_plugin.system import pretrain as pt
-
-        sub = Config.__new__(Config)
-        sub.opt = dict(self.opt.opt if hasattr(self.opt, "opt") else self.opt)
-        sub.opt.update(model=pt.MODEL_NAME, model_name=pt.MODEL_NAME, backbone_path=self.model.backbone_path)
-        sub.opt[pt.BLOCK] = {**(sub.opt.get(pt.BLOCK) or {}), **(overrides or {})}
-        logger.info(f"[lotcrs] pre-training ({pt.BLOCK}: {sub.opt[pt.BLOCK]})")
-        system = pt.LOTCRSPretrainSystem(sub, self.train_dataloader, self.valid_dataloader, self.test_dataloader,
-                                         self.vocab, self.side_data)
-        with torch.enable_grad():  # also when called from the vote's (no-grad) construction
-            system.fit()
-        export = system.run_dir / "backbone"
-        del system
-        return export
+        return run_pretraining(self.opt, self.model.backbone_path, overrides, loaders=(
+            self.train_dataloader, self.valid_dataloader, self.test_dataloader), vocab=self.vocab,
+            side_data=self.side_data)
 
     def pretrain(self) -> Path:
         """Pre-train (step 1 of 4) and load the export as the backbone."""
@@ -213,9 +183,6 @@ class LOTCRSSystem(BaseSystem):
         store = self.stores.build()
         self.timings["store_s"] = self.stores.seconds
         return store
-
-    def refresh_store(self) -> None:
-        self.stores.refresh()
 
     @property
     def store_rows(self) -> np.ndarray | None:
@@ -349,53 +316,20 @@ class LOTCRSSystem(BaseSystem):
                     f"best epoch {self.tuner.best_epoch}")
         return True
 
-    # -- the saved system (crslab run --save-system / --restore-system)
+    # -- the saved system (crslab run --save-system / --restore-system; lotcrs_plugin.system.saved)
 
     @property
     def store_file(self) -> Path:
-        return Path(self.model_file).with_suffix(".store")
+        return saved.store_file(self.model_file)
 
     def save_model(self) -> None:
-        """The model (the tested one) and its memory store."""
-        state = {"format": SYSTEM_FORMAT, "version": 1, "model_state_dict": self.model.state_dict(),
-                 "backbone": self.model.backbone_name, "items": self.model.items.entity_ids,
-                 "retrieval": self.model.fusion is not None}
-        atomic_save(state, Path(self.model_file))
-        if self.model.store is not None:
-            self.model.store.save(self.store_file)
-        if self.model.knn is not None:
-            self.model.knn.save(Path(self.model_file).with_suffix(".knn"))
-        logger.info(f"[lotcrs] system saved to {self.model_file}")
+        """The model (the tested one), its memory store and its vote."""
+        saved.save_system(self.model, self.model_file)
 
     def restore_model(self) -> None:
         """Load a system written by :meth:`save_model` (called by BaseSystem.__init__, before this
         class's __init__ has made its stages)."""
-        model = self.model.module if isinstance(self.model, nn.DataParallel) else self.model
-        path = Path(self.model_file)
-        if not path.is_file():
-            raise UserError(f"restore-system: {path} does not exist; run once with --save-system "
-                            f"(or set model_file)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != SYSTEM_FORMAT:
-            raise UserError(f"{path}: not a saved LOT-CRS system")
-        if state["backbone"] != model.backbone_name or state["items"] != model.items.entity_ids:
-            raise UserError(f"{path}: a '{state['backbone']}' system over {len(state['items'])} items; the config "
-                            f"has backbone: {model.backbone_name} and {len(model.items)} items")
-        if state["retrieval"] != (model.fusion is not None):
-            raise UserError(f"{path}: saved with lotcrs.retrieval: {str(state['retrieval']).lower()}; set the same")
-        model.load_state_dict(state["model_state_dict"])
-        if model.fusion is not None:
-            store = Path(self.model_file).with_suffix(".store")
-            if not (store / "manifest.json").is_file():
-                raise UserError(f"restore-system: the memory store {store} is missing; save the system again")
-            model.store = MemoryStore.load(store)
-        if model.rerank_cfg.knn_on:
-            knn = Path(self.model_file).with_suffix(".knn")
-            if not (knn / "knn.json").is_file():
-                raise UserError(f"restore-system: the kNN store {knn} is missing; save the system again "
-                                f"(or set rerank.knn_weight: 0)")
-            load_knn(model, knn, self.device)
-        logger.info(f"[lotcrs] restored {path}")
+        saved.restore_system(self.model, self.model_file, self.device)
 
     def write_summary(self) -> Path:
         tuner = self.tuner

@@ -51,7 +51,7 @@ from lotcrs_plugin.data.pretrain_samples import (  # noqa: E402
     tokenize_dialogs,
 )
 from lotcrs_plugin.config_blocks.pretrain import BLOCK, PretrainConfig  # noqa: E402
-from lotcrs_plugin.model.pretrain import MODEL_NAME  # noqa: E402,F401  (the pipeline starts this system by it)
+from lotcrs_plugin.model.pretrain import MODEL_NAME  # noqa: E402
 from lotcrs_plugin.system import distributed  # noqa: E402
 from lotcrs_plugin.system.loop import LossSums, TrainLoop, atomic_save, load_checkpoint_file  # noqa: E402
 from lotcrs_plugin.system.samples import dataset_folder, read_split  # noqa: E402
@@ -352,6 +352,26 @@ class LOTCRSPretrainSystem(BaseSystem):
 
     def interact(self) -> None:
         raise UserError("the pre-training system does not converse; fine-tune the backbone first")
+
+
+def run_pretraining(opt: Any, backbone_path: Any, overrides: Mapping[str, Any] | None, *, loaders: tuple,
+                    vocab: Any, side_data: Any) -> Path:
+    """Pre-train as stage 1 of the LOT-CRS pipeline: this system with the fine-tuning config's
+    ``lotcrs_pretrain:`` block updated by ``overrides``, from ``backbone_path``; returns the export
+    (a finished run is only exported again)."""
+    from crslab.config.config import Config
+
+    sub = Config.__new__(Config)
+    sub.opt = dict(opt.opt if hasattr(opt, "opt") else opt)
+    sub.opt.update(model=MODEL_NAME, model_name=MODEL_NAME, backbone_path=backbone_path)
+    sub.opt[BLOCK] = {**(sub.opt.get(BLOCK) or {}), **(overrides or {})}
+    logger.info(f"[lotcrs] pre-training ({BLOCK}: {sub.opt[BLOCK]})")
+    system = LOTCRSPretrainSystem(sub, *loaders, vocab, side_data)
+    with torch.enable_grad():  # also when called from the vote's (no-grad) construction
+        system.fit()
+    export = system.run_dir / "backbone"
+    del system
+    return export
 
 
 def build_data(backbone: Any, dialogs: Iterable[dict], items: ItemVocab, entity2id: Mapping[str, int],
