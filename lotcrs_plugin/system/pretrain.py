@@ -180,6 +180,11 @@ class LOTCRSPretrainSystem(BaseSystem):
         return self.loop.global_step
 
     @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole schedule (all epochs)."""
+        return self.loop.total_steps
+
+    @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         return self.loop.optimizer
 
