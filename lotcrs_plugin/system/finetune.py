@@ -29,7 +29,7 @@ from lotcrs_plugin.model.smoothing import SmoothingConfig, TeacherScores, label_
 from lotcrs_plugin.system.loop import LossSums, TrainLoop, atomic_save, cpu_state, load_checkpoint_file
 from lotcrs_plugin.system.samples import RecSamples, autocast
 from lotcrs_plugin.system.scoring import TOP_K, evaluate_ranking
-from lotcrs_plugin.system.selection import STAGE, SelectionConfig, selection_score
+from lotcrs_plugin.system.selection import STAGE, SelectionConfig, check_evaluator, selection_score
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -48,6 +48,8 @@ class FineTuner:
         self.loop = TrainLoop(model, dist, grad_accumulation=cfg.grad_accumulation, max_grad_norm=cfg.max_grad_norm)
         self.teacher: TeacherScores | None = None
         self.terms = selection.terms()
+        if evaluator is not None:  # none when interacting
+            check_evaluator(evaluator, self.terms)
         self.epoch = 0  # finished epochs
         self.history: list[dict[str, Any]] = []
         self.best_epoch: int | None = None

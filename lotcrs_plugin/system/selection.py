@@ -98,6 +98,15 @@ def parse_metric(text: str) -> list[tuple[str, int | None]]:
     return terms
 
 
+def check_evaluator(evaluator: Any, terms: list[tuple[str, int | None]]) -> None:
+    """UserError, before any training, when a metric of ``terms`` needs the long-tail evaluator."""
+    needs = [f"{n}@{k}" for n, k in terms if n in LONGTAIL_NAMES]
+    if needs and not hasattr(evaluator, "last_report"):
+        raise UserError(f"selection: metric {', '.join(needs)} needs `evaluator: longtail` "
+                        f"(this run's evaluator is {type(evaluator).__name__}); "
+                        f"or select on {', '.join(CRSLAB_NAMES)}@k")
+
+
 def selection_score(evaluator: Any, terms: list[tuple[str, int | None]]) -> float | None:
     """The sum of the metric ``terms`` (SelectionConfig.terms) over the evaluator's current samples;
     None when one of them is undefined."""
@@ -165,12 +174,7 @@ class BestEpochSelector:
         return model if model is not None else getattr(system, "model", None)
 
     def _check_evaluator(self) -> None:
-        evaluator = self.system.evaluator
-        needs = [f"{n}@{k}" for n, k in self.terms if n in LONGTAIL_NAMES]
-        if needs and not hasattr(evaluator, "last_report"):
-            raise UserError(f"selection: metric {', '.join(needs)} needs `evaluator: longtail` "
-                            f"(this run's evaluator is {type(evaluator).__name__}); "
-                            f"or select on {', '.join(CRSLAB_NAMES)}@k")
+        check_evaluator(self.system.evaluator, self.terms)
 
     # ---- wiring -------------------------------------------------------------------------------
 
