@@ -272,6 +272,8 @@ class LOTCRSSystem(BaseSystem):
         self._knn_pretrain_cfg: Any = None  # lotcrs_pretrain updated by retrieval.knn_pretrain
         self._sync_store_at_test = False
         self.timings: dict[str, float] = {}
+        # name -> long-tail test report of a variant of the tested model (e.g. without tail slots)
+        self.test_variants: dict[str, Any] = {}
         self.dist = distributed.current()  # one process unless torchrun started several
         self.ddp: nn.Module | None = None  # the model in DDP while fine-tuning (several processes)
         if not interact:
@@ -889,6 +891,29 @@ class LOTCRSSystem(BaseSystem):
             self.choose_tail_slots()
         self.evaluate("test")
         self._sync_store_at_test = False
+        voter = self.model.knn
+        if voter is not None and voter.tail_slots and any(voter.tail_slots.values()):
+            # the same model's test lists without the tail slots: what the model itself ranks
+            slots, voter.tail_slots = voter.tail_slots, None
+            try:
+                self.test_variants["without_tail_slots"] = self._quiet_report("test")
+            finally:
+                voter.tail_slots = slots
+
+    @torch.no_grad()
+    def _quiet_report(self, split: str) -> dict[str, Any] | None:
+        """The long-tail report of ``split`` as it is scored now, kept out of the run's reports."""
+        if not hasattr(self.evaluator, "longtail_report"):
+            return None
+        was = self.model.training
+        self.model.eval()
+        self.evaluator.reset_metrics()
+        for batch in self.batches(self.data(split), train=False):
+            self.step(batch, "rec", "test")
+        report = self.evaluator.longtail_report(-1, split)
+        self.evaluator.reset_metrics()
+        self.model.train(was)
+        return report
 
     # -- the whole pipeline
 
@@ -1095,7 +1120,7 @@ class LOTCRSSystem(BaseSystem):
             "tail_slots": getattr(self, "tail_slots_selection", None) or (
                 {"slots": self.model.knn.tail_slots} if self.model.knn is not None else None),
             "history": self.history, "timings": self.timings, "config": asdict(self.cfg),
-            "test": report,
+            "test": report, "test_variants": self.test_variants,
         }
         path = self.run_dir / "finetune.json"
         path.parent.mkdir(parents=True, exist_ok=True)
