@@ -125,8 +125,9 @@ def thread_check(dataset: Path, sim: Path) -> dict:
     return report
 
 
-def _consistency_lines(after: dict, before: dict | None) -> list[str]:
-    rows = [("this simulation", after)] + ([("earlier simulation (--before)", before)] if before else [])
+def _consistency_lines(after: dict, before: dict | None, before_dir: Path | None) -> list[str]:
+    rows = [("this simulation", after)] + ([(f"earlier simulation `{before_dir.name}` (--before)", before)]
+                                           if before and before_dir else [])
     lines = ["## Thread consistency", "",
              "Turns that name a genre (also in other words: \"scary\" is horror, \"funny\" comedy), a person "
              "or a title that is not in their dialog's thread (the target's attributes, the target, the related "
@@ -184,7 +185,7 @@ def write_samples(name: str, dataset: Path, sim: Path, dest: Path, n_each: int =
              f"`{command}` (commit {_commit()}, {cpu_name()}, no GPU). One conversation (index 0 of {stats['per_item']}) "
              f"for each of {len(head)} head items (most training mentions) and {len(tail)} tail items "
              f"(no training mention), target in brackets after `<` on the recommendation turn.", "",
-             *_consistency_lines(check_after, check_before),
+             *_consistency_lines(check_after, check_before, before),
              "## Statistics", "", "```json", json.dumps({k: stats[k] for k in keep}, indent=1), "```", "",
              "Templates per act (built-in or mined) and mining report:", "", "```json",
              json.dumps({"templates": stats["templates"], "mining": stats["mining"]}, indent=1), "```", ""]
