@@ -129,8 +129,8 @@ def _consistency_lines(after: dict, before: dict | None, before_dir: Path | None
     rows = [("this simulation", after)] + ([(f"earlier simulation `{before_dir.name}` (--before)", before)]
                                            if before and before_dir else [])
     lines = ["## Thread consistency", "",
-             "Turns that name a genre (also in other words: \"scary\" is horror, \"funny\" comedy), a person "
-             "or a title that is not in their dialog's thread (the target's attributes, the target, the related "
+             "Turns that name a genre (also in other words: \"scary\" is horror, \"funny\" comedy), a studio "
+             "(\"disney movies\"), a person or a title that is not in their dialog's thread (the target's attributes, the target, the related "
              "items the dialog lists), counted over the whole simulation by "
              "`lotcrs_plugin.data.simulator.consistency.ThreadChecker`.", "",
              "| simulation | simulator version | dialogs | turns | contradicting turns | contradicting dialogs | findings by kind |",

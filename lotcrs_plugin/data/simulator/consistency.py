@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from lotcrs_plugin.data.catalog import Catalog
-from lotcrs_plugin.data.simulator.mentions import NameMatcher
+from lotcrs_plugin.data.simulator.mentions import STUDIO_WORDS, NameMatcher
 
+_STUDIOS = frozenset(STUDIO_WORDS)
 _CONV_ID = re.compile(r"^sim-(\d+)-\d+$")
 
 
@@ -26,7 +27,7 @@ _CONV_ID = re.compile(r"^sim-(\d+)-\d+$")
 class Finding:
     conv_id: str
     turn: int            # index in the dialog
-    what: str            # "genre" | "name" | "title" | "listed_entity" | "listed_movie"
+    what: str            # "genre" | "studio" | "name" | "title" | "listed_entity" | "listed_movie"
     surface: str         # the words (or the listed name) that contradict the thread
     raw_text: str
 
@@ -82,7 +83,8 @@ class ThreadChecker:
                 if (mention.concepts & concepts or allowed_items.intersection(mention.items)
                         or own.intersection(mention.attrs)):
                     continue
-                what = "genre" if mention.concepts else ("name" if mention.attrs else "title")
+                what = (("studio" if mention.concepts <= _STUDIOS else "genre") if mention.concepts
+                        else "name" if mention.attrs else "title")
                 out.append(Finding(conv_id, k, what, mention.text(text), text))
         return out
 
