@@ -126,7 +126,7 @@ class ThreadChecker:
 
     def check_folder(self, folder: str | os.PathLike, examples: int = 10) -> dict[str, Any]:
         """:meth:`check_all` over the simulated_data.json in ``folder``."""
-        from lotcrs_plugin.data.simulator.core import iter_simulated
+        from lotcrs_plugin.data.simulator.reading import iter_simulated
 
         return self.check_all(iter_simulated(folder), examples)
 
