@@ -132,3 +132,110 @@ def test_the_retrieved_prompt_holds_the_neighbours_responses():
                          retrieved_prompt=False, recommended_item=False)
     assert read(bare.prompt(context, near, "Hidden Echo")) == ["something funny."]
     assert read(enc.response("You should watch <movie>. Really, you should.")) == ["You should watch <movie>. Really, you should."]
+
+
+# ---- the stage on a planted recommender --------------------------------------------------------
+
+class PlantedView:
+    """A RecView whose recommender is right (item k for genre k) and whose context vectors are
+    one-hot by genre; each item has two simulated responses."""
+
+    items = ITEMS
+
+    def __init__(self, n: dict[str, int]):
+        self.splits = {split: [dialog(i % 3, i) for i in range(count)] for split, count in n.items()}
+
+    def dialogs(self, split):
+        return self.splits[split]
+
+    def rec_pass(self, dialogs, samples):
+        genre = [next(k for k, g in enumerate(GENRES) if g in dialogs[d]["dialog"][0]["raw_text"])
+                 for d, _ in samples]
+        return np.asarray(genre, np.int64), np.eye(3, dtype=np.float32)[genre]
+
+    def simulated_memory(self):
+        responses = [f"{SLOT} is the {g} film for you." for g in GENRES] + [f"Try {SLOT}." for _ in GENRES]
+        return ResponseMemory.build(np.vstack([np.eye(3), np.eye(3)]).astype(np.float32), [0, 1, 2, 0, 1, 2],
+                                    responses)
+
+
+def test_the_stage_trains_and_tests_with_the_metrics_in_range(gpt2_path, tmp_path):
+    from lotcrs_plugin.system.conversation import ConversationStage
+
+    cfg = ConversationConfig.from_dict({"enabled": True, "backbone_path": str(gpt2_path), "k": 2, "epochs": 3,
+                                        "lr": 0.01, "batch_size": 8, "max_new_tokens": 8, "log_every": 1000})
+    stage = ConversationStage(cfg, tmp_path / "run", torch.device("cpu"), seed=0)
+    view = PlantedView({"train": 48, "valid": 6, "test": 6})
+    report = stage.fit(view)
+    losses = [h["train_loss"] for h in stage.history]
+    ppls = [h["valid"]["ppl"] for h in stage.history]
+    assert losses[-1] < 0.6 * losses[0] and ppls[-1] < ppls[0]
+    assert stage.best_epoch == int(np.argmin(ppls))
+    assert report["replies"] == 12 and report["ref_item_share"] == 0.5  # 6 dialogs x 2 Recommender turns
+    for key in ("bleu@1", "bleu@2", "item_share"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert report["dist@1"] > 0 and all(report[f"dist@{k}"] >= 0 for k in (2, 3, 4))
+    assert 1.0 <= report["ppl"] < ppls[0]
+    assert report["item_share"] > 0  # the planted recommendations are learnt: replies name the item
+    summary = json.loads((tmp_path / "run" / "conversation.json").read_text())
+    assert summary["best_epoch"] == stage.best_epoch and summary["test"] == report
+    assert {"context", "reference", "recommended", "reply"} <= set(summary["examples"][0])
+    # the retrieved prompt of a test sample holds its neighbours' responses, then the recommended item
+    prepared = stage.prepare(view, "test", train=False)
+    text = stage.decoder.tokenizer.decode(prepared.prompts[0])
+    assert "similar: <movie> is the comedy film for you." in text and "recommend: Hidden Echo" in text
+    # the kept decoder and memory reload, and reply with the recommended item in the slot
+    again = ConversationStage(cfg, tmp_path / "run2", torch.device("cpu"), seed=0)
+    stage.save(tmp_path / "saved")
+    again.load(tmp_path / "saved")
+    turns = view.dialogs("test")[1]["dialog"][:1]
+    assert again.reply(view, turns, 1) == stage.reply(view, turns, 1)
+
+
+# ---- in the LOT-CRS system -----------------------------------------------------------------------
+
+def conversation_opt(backbone_paths: dict, gpt2: Path, **conv) -> dict:
+    from test_lotcrs import tiny_opt
+
+    opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, run_name="t_conv")
+    opt["conversation"] = {"enabled": True, "backbone_path": str(gpt2), "k": 3, "epochs": 2, "lr": 0.01,
+                           "batch_size": 16, "max_context_length": 64, "max_prompt_length": 64,
+                           "max_response_length": 24, "max_new_tokens": 16, "max_eval_samples": 24, **conv}
+    opt["model_file"] = "t_conv_system.pth"
+    return opt
+
+
+def test_the_system_converses_after_recommending_and_interacts_through_a_pipe(gpt2_path, lotcrs_home, tmp_path):
+    from lotcrs_plugin import registry
+    from lotcrs_plugin.runner import run
+
+    registry.register_all()
+    opt = conversation_opt({"bert": "builtin:tiny-bert"}, gpt2_path)
+    result = run(opt, save_system=True)
+    assert result.test["longtail"]["n_samples"] > 0  # the recommender was tested first
+    summary = json.loads((lotcrs_home / "save" / "t_conv_conv" / "conversation.json").read_text())
+    report = summary["test"]
+    assert report["replies"] == 24 and 1.0 <= report["ppl"] < 50_000
+    assert 0 <= report["bleu@1"] <= 1 and 0 <= report["item_share"] <= 1
+    assert len(summary["history"]) == 2 and summary["best_epoch"] in (0, 1)
+    conv = lotcrs_home / "save" / "t_conv_system.conv"
+    assert (conv / "decoder" / "config.json").is_file() and (conv / "memory" / "responses.json").is_file()
+
+    config = tmp_path / "conv.yaml"
+    config.write_text(yaml.safe_dump(opt), encoding="utf-8")
+    messages = ["Hi! I am looking for a good comedy movie.", "I really liked it.", "Anything else?",
+                "Something fun would be nice."]
+    cmd = [sys.executable, "-m", "lotcrs_plugin", "run", "--config", str(config), "--restore-system", "--interact"]
+    env = {**os.environ, "LOTCRS_HOME": str(lotcrs_home), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(cmd, input="\n".join(messages) + "\n", env=env, capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]  # the end of the input ends the dialog cleanly
+    replies = [line.split("Recommender: ", 1)[1] for line in out.stdout.splitlines() if "Recommender: " in line]
+    assert len(replies) == len(messages), out.stdout[-2000:]
+    from lotcrs_plugin.data.synthetic import SyntheticConfig, dataset_folder
+
+    names = ItemVocab.from_folder(dataset_folder(SyntheticConfig.from_dict(opt["synthetic"]))).display_names
+    said = [r.split(" (also:")[0] for r in replies]  # the generated reply, before the list of other items
+    assert any(any(n in text for n in names) for text in said), replies
+    assert "<movie>" not in " ".join(said)  # every slot filled

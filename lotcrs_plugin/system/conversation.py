@@ -226,7 +226,7 @@ class ConversationStage:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 step += 1
                 if step % c.log_every == 0:
                     logger.info(f"[conv] step {step}/{batches * c.epochs}: loss {np.mean(losses[-c.log_every:]):.4f}")
