@@ -299,7 +299,7 @@ class ConversationStage:
         prompt = self.encoder.prompt([turn_text(t) for t in turns], neighbours, name)
         with self._autocast():
             text = self.decoder.generate([prompt], self.cfg, generator_seed=self.seed)[0]
-        return fill_slot(text, name) if text else name
+        return fill_slot(text, name)
 
 
 # ---- the LOT-CRS system as the stage sees it --------------------------------------------------

@@ -36,7 +36,8 @@ class ConversationConfig:
     max_prompt_length, max_response_length: tokens of the dialog context (cut from the left), of the
     retrieved responses (cut from the right), of the response (cut from the right).
     decoding: greedy | beam (num_beams) | top_p (nucleus sampling with top_p and temperature);
-    max_new_tokens: the longest reply. select: the validation score of the kept epoch: ppl
+    max_new_tokens, min_new_tokens: the longest and shortest reply (the end-of-text token is barred before
+    min_new_tokens: a reply is never empty). select: the validation score of the kept epoch: ppl
     (minimised; cheap) or a generation metric (maximised; every epoch generates on validation).
     max_train_batches, max_eval_samples: caps for quick checks (0: all). run_name: folder under
     <root>/save (default: <lotcrs.run_name>_conv). seed: -1 = the top-level seed. bf16: autocast
@@ -64,6 +65,7 @@ class ConversationConfig:
     top_p: float = 0.9
     temperature: float = 1.0
     max_new_tokens: int = 40
+    min_new_tokens: int = 1
     select: str = "ppl"
     max_train_batches: int = 0
     max_eval_samples: int = 0
@@ -89,10 +91,11 @@ class ConversationConfig:
         need(self.select in SELECT_METRICS, "select", "one of " + ", ".join(SELECT_METRICS))
         for key in ("k", "epochs", "batch_size", "eval_batch_size", "num_beams", "max_new_tokens", "log_every"):
             need(getattr(self, key) >= 1, key, "at least 1")
-        for key in ("max_train_batches", "max_eval_samples", "weight_decay", "max_grad_norm"):
+        for key in ("max_train_batches", "max_eval_samples", "weight_decay", "max_grad_norm", "min_new_tokens"):
             need(getattr(self, key) >= 0, key, "0 or more")
         for key in ("max_context_length", "max_response_length"):
             need(getattr(self, key) >= 8, key, "at least 8")
+        need(self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", f"at most max_new_tokens ({self.max_new_tokens})")
         need(self.max_prompt_length >= 0, "max_prompt_length", "0 or more")
         need(self.lr > 0, "lr", "positive")
         need(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]")

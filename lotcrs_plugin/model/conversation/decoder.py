@@ -1,6 +1,7 @@
 """The response generator: a causal language model through AutoModelForCausalLM and
 AutoTokenizer, by Hugging Face name (microsoft/DialoGPT-small) or local folder.
 
+The slot ``<movie>`` is added to the tokenizer as one token where the model lacks it.
 Rows are left-padded (the response ends every row), so the training loss asks the model for the
 logits of the last positions only (``logits_to_keep``): a 50k-token vocabulary over the whole
 prompt would cost more than the rest of the model. Positions count from each row's first real
@@ -19,6 +20,7 @@ from torch import nn
 
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.conversation.config import ConversationConfig
+from lotcrs_plugin.model.conversation.prompt import SLOT
 
 
 class ConversationDecoder(nn.Module):
@@ -49,6 +51,11 @@ class ConversationDecoder(nn.Module):
             raise UserError(f"conversation.backbone_path: cannot load a causal language model from '{path}' "
                             f"({first}); give a local folder or a Hugging Face name like "
                             f"microsoft/DialoGPT-small") from None
+        if SLOT not in tokenizer.get_vocab():
+            # the slot as one token (as CRSLab's vocabularies hold <movie>): the model learns one step, not
+            # the three BPE pieces "<", "movie", ">"; the new row starts at the mean of the others
+            tokenizer.add_tokens([SLOT])
+            model.resize_token_embeddings(len(tokenizer))
         return cls(model, tokenizer)
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -121,7 +128,8 @@ class ConversationDecoder(nn.Module):
         """One reply per prompt, decoded as the config says (greedy, beam or top-p sampling)."""
         batch = self.left_padded([list(p) or [self.eos_id] for p in prompts])
         batch.pop("position_ids")  # generate derives them from the mask
-        kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "pad_token_id": self.pad_id,
+        kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens,
+                                  "pad_token_id": self.pad_id,
                                   "eos_token_id": self.eos_id}
         if cfg.decoding == "greedy":
             kwargs.update(do_sample=False, num_beams=1)
