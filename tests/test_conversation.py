@@ -240,3 +240,39 @@ def test_the_system_converses_after_recommending_and_interacts_through_a_pipe(gp
     said = [r.split(" (also:")[0] for r in replies]  # the generated reply, before the list of other items
     assert any(any(n in text for n in names) for text in said), replies
     assert "<movie>" not in " ".join(said)  # every slot filled
+
+
+# ---- the config block --------------------------------------------------------------------------
+
+BAD_BLOCKS = [
+    ({"epoch": 3}, ["block 'conversation': unknown key 'epoch'", "known keys: enabled, backbone_path, k,",
+                    "did you mean 'epochs'?"]),
+    ({"decoding": "nucleus"}, ["key 'decoding' must be greedy or beam or top_p, not 'nucleus'"]),
+    ({"backbone_path": "/no/such/gpt2"}, ["key 'backbone_path': no folder '/no/such/gpt2'",
+                                          "microsoft/DialoGPT-small"]),
+    ({"k": 0}, ["key 'k' must be at least 1, not 0"]),
+    ({"lr": "fast"}, ["key 'lr' must be a number, not 'fast'"]),
+    ({"min_new_tokens": 50}, ["key 'min_new_tokens' must be at most max_new_tokens (40)"]),
+    ({"select": "bleu"}, ["key 'select' must be one of ppl, bleu@1"]),
+]
+
+
+@pytest.mark.parametrize("block, fragments", BAD_BLOCKS, ids=[str(b) for b, _ in BAD_BLOCKS])
+def test_a_bad_conversation_key_is_one_line_before_any_data(block, fragments):
+    from lotcrs_plugin import config as run_config
+
+    opt = {"dataset": "synthetic", "model": "LOTCRS", "backbone": "bert", "backbone_path": "builtin:tiny-bert",
+           "conversation": block}
+    with pytest.raises(UserError) as err:
+        run_config.load(opt)  # the checks that run before any data is read
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_the_defaults_are_the_papers_and_hub_names_pass():
+    cfg = ConversationConfig.from_dict(None)
+    assert (cfg.enabled, cfg.backbone_path, cfg.k, cfg.epochs, cfg.lr, cfg.batch_size) == (
+        False, "microsoft/DialoGPT-small", 10, 10, 1e-4, 8)
+    assert ConversationConfig.from_dict({"backbone_path": "gpt2", "lr": 1}).lr == 1.0
