@@ -276,3 +276,14 @@ def test_the_defaults_are_the_papers_and_hub_names_pass():
     assert (cfg.enabled, cfg.backbone_path, cfg.k, cfg.epochs, cfg.lr, cfg.batch_size) == (
         False, "microsoft/DialoGPT-small", 10, 10, 1e-4, 8)
     assert ConversationConfig.from_dict({"backbone_path": "gpt2", "lr": 1}).lr == 1.0
+
+
+def test_attribute_words_of_a_message_are_linked_to_entities():
+    from lotcrs_plugin.data.entity_linking import AttributeLinker
+
+    dbp = "<http://dbpedia.org/resource/{}>".format
+    link = AttributeLinker([dbp("Science_fiction_film"), dbp("Fiction"), dbp("Chris_Evans_(actor)"), dbp("It"), None],
+                           ["science fiction", "fiction", "Chris Evans", "it", "no entity"])
+    assert link("I love Science Fiction, and chris evans! Fiction too.") == [
+        dbp("Science_fiction_film"), dbp("Chris_Evans_(actor)"), dbp("Fiction")]
+    assert link("Is it good? no entity here") == []  # too short to look for; attributes without an entity

@@ -5,8 +5,9 @@
 - dist@1..4: CRSLab's distinct-n: the number of distinct word n-grams over all replies divided
   by the number of replies (not a ratio of n-grams; it grows with reply length);
 - ppl: exp of the mean negative log-likelihood per reference token (teacher forcing);
-- item_share: the share of replies that name an item (after the slot is filled: the recommended
-  item's title, or any title the model wrote itself); ref_item_share: the same for the references.
+- item_share: the share of replies that name the recommended item (its title in a filled slot, or
+  written out by the model); ref_item_share: the share of references that name an item (the
+  recommendation turns of the data, for comparison).
 
 Words are the importer's lowercased tokens (lotcrs_plugin.data.importers.common.tokenize) of the
 reply with its slot filled and of the reference as written.

@@ -1132,6 +1132,9 @@ class LOTCRSSystem(BaseSystem):
 
         items = self.model.items
         shown = [n.lower() for n in items.display_names]
+        from lotcrs_plugin.data.entity_linking import AttributeLinker
+
+        link = AttributeLinker.from_folder(self.folder)  # genres, people: the message's entities, as in a test turn
         turns: list[dict[str, Any]] = []
         self.finished = False
         while True:
@@ -1144,7 +1147,7 @@ class LOTCRSSystem(BaseSystem):
                 break
             low = text.lower()
             movies = [items.entity_names[i] for i, name in enumerate(shown) if name in low]
-            turns.append({"role": "Seeker", "raw_text": text, "text": low.split(), "movies": movies, "entity": []})
+            turns.append({"role": "Seeker", "raw_text": text, "text": low.split(), "movies": movies, "entity": link(text)})
             top = self.recommend(turns)
             reply = (self.conversation.reply(LOTCRSView(self), turns, top[0]) if self.conversation is not None
                      else f"You should watch {items.display_names[top[0]]}.")
