@@ -78,7 +78,7 @@ def main() -> None:
 
     lines = ["# Conversation stage on INSPIRED: a FUNCTION CHECK, not a quality measurement", "",
              "A random tiny GPT-2 (2 layers, hidden 64, GPT-2's real BPE tokenizer; no pre-trained weights exist on "
-             "this machine) fine-tuned for 2 epochs of 200 batches of 8, on top of a random tiny BERT recommender "
+             "this machine) fine-tuned for 2 epochs of 150 batches of 8 (validation and test: the first 300 responses), on top of a random tiny BERT recommender "
              "trained for 50 batches. These numbers show that the stage trains, keeps the best validation epoch, "
              "generates, fills the <movie> slot with the recommended item and is scored; they say nothing about "
              "LOT-CRS's replies. The paper-sized run: crslab_configs/lotcrs_inspired_conversation.yaml "

@@ -328,7 +328,14 @@ class LOTCRSView:
         contexts = np.stack([start, start + np.asarray([x[1] for x in samples], dtype=np.int64)], 1)
         n = len(samples)
         index = RecIndex(contexts, np.zeros(n, np.int64), np.zeros(n, bool), d)
-        data = RecData(table, bb.input_format(s.cfg.max_length), bb.first_item_id, index, s.cfg.pad_to_multiple_of)
+        evidence = None  # the evidence term reads the whole context, as LOTCRSSystem.recommend builds it
+        if getattr(model, "evidence", None) is not None:
+            from lotcrs_plugin.data.context_evidence import EvidenceBuilder
+            from lotcrs_plugin.data.finetune_samples import turn_roles
+
+            evidence = EvidenceBuilder(table, turn_roles(dialogs), model.items.entity_ids)
+        data = RecData(table, bb.input_format(s.cfg.max_length), bb.first_item_id, index, s.cfg.pad_to_multiple_of,
+                       evidence)
         top = np.empty(n, np.int64)
         queries: np.ndarray | None = None
         was = model.training
@@ -336,7 +343,8 @@ class LOTCRSView:
         for batch in s.batches(data, train=False):
             batch = batch.to(s.device)
             with s._autocast():
-                ranking = model.rank_items(batch.tokens, None, RANK_DEPTH, s.cfg.eval_chunk_elements)
+                ranking = model.rank_items(batch.tokens, None, RANK_DEPTH, s.cfg.eval_chunk_elements,
+                                           evidence=batch.evidence)
                 q = model.represent(batch.tokens).float().cpu().numpy()
             if queries is None:
                 queries = np.empty((n, q.shape[1]), np.float32)
