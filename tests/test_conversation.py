@@ -30,9 +30,6 @@ from lotcrs_plugin.model.conversation.prompt import (
 from conftest import REPO_ROOT, SHARED_DATA
 
 GPT2_BPE = Path(os.environ.get("LOTCRS_GPT2_BPE", SHARED_DATA.parent / "models" / "gpt2-bpe"))
-needs_bpe = pytest.mark.skipif(not (GPT2_BPE / "vocab.json").is_file(),
-                               reason=f"the GPT-2 BPE files are not at {GPT2_BPE} (set LOTCRS_GPT2_BPE)")
-
 ITEMS = ItemVocab([11, 12, 13], ["<Hidden_Echo>", "<Secret_River>", "<Blue_Night>"],
                   ["Hidden Echo", "Secret River", "Blue Night"])
 GENRES = ["comedy", "horror", "western"]  # item k is the genre k film
@@ -46,14 +43,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_gpt2(folder: Path) -> Path:
-    """A random 2-layer GPT-2 (hidden 32) with the real GPT-2 tokenizer, saved to ``folder``."""
+def tiny_gpt2(folder: Path, n_embd: int = 32, small_vocab: bool = False) -> Path:
+    """A random 2-layer GPT-2 with the real GPT-2 tokenizer (``small_vocab``: its first 3,000 merges,
+    test_lotcrs.small_bpe: 15x fewer rows in the embedding and the LM head, so that a few epochs
+    teach it the synthetic replies), saved to ``folder``."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-    tok = GPT2Tokenizer(str(GPT2_BPE / "vocab.json"), str(GPT2_BPE / "merges.txt"))
+    if small_vocab:
+        from test_lotcrs import small_bpe
+
+        vocab, merges = small_bpe()
+        tok = GPT2Tokenizer(vocab=vocab, merges=merges)
+    else:
+        tok = GPT2Tokenizer(str(GPT2_BPE / "vocab.json"), str(GPT2_BPE / "merges.txt"))
     tok.save_pretrained(folder)
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=1024)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=n_embd, n_layer=2, n_head=2, n_positions=1024)
                     ).save_pretrained(folder)
     return folder
 
@@ -63,6 +68,13 @@ def gpt2_path(tmp_path_factory) -> Path:
     if not (GPT2_BPE / "vocab.json").is_file():
         pytest.skip(f"the GPT-2 BPE files are not at {GPT2_BPE} (set LOTCRS_GPT2_BPE)")
     return tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="module")
+def small_gpt2_path(tmp_path_factory) -> Path:
+    if not (GPT2_BPE / "vocab.json").is_file():
+        pytest.skip(f"the GPT-2 BPE files are not at {GPT2_BPE} (set LOTCRS_GPT2_BPE)")
+    return tiny_gpt2(tmp_path_factory.mktemp("small_gpt2"), n_embd=64, small_vocab=True)
 
 
 def dialog(k: int, n: int) -> dict:
@@ -198,19 +210,20 @@ def conversation_opt(backbone_paths: dict, gpt2: Path, **conv) -> dict:
     from test_lotcrs import tiny_opt
 
     opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, run_name="t_conv")
-    opt["conversation"] = {"enabled": True, "backbone_path": str(gpt2), "k": 3, "epochs": 3, "lr": 0.02,
+    opt["conversation"] = {"enabled": True, "backbone_path": str(gpt2), "k": 3, "epochs": 6, "lr": 0.01,
                            "batch_size": 16, "max_context_length": 64, "max_prompt_length": 64,
                            "max_response_length": 24, "max_new_tokens": 16, "max_eval_samples": 24, **conv}
     opt["model_file"] = "t_conv_system.pth"
     return opt
 
 
-def test_the_system_converses_after_recommending_and_interacts_through_a_pipe(gpt2_path, lotcrs_home, tmp_path):
+def test_the_system_converses_after_recommending_and_interacts_through_a_pipe(small_gpt2_path, lotcrs_home,
+                                                                               tmp_path):
     from lotcrs_plugin import registry
     from lotcrs_plugin.runner import run
 
     registry.register_all()
-    opt = conversation_opt({"bert": "builtin:tiny-bert"}, gpt2_path)
+    opt = conversation_opt({"bert": "builtin:tiny-bert"}, small_gpt2_path)
     result = run(opt, save_system=True)
     assert result.test["longtail"]["n_samples"] > 0  # the recommender was tested first
     summary = json.loads((lotcrs_home / "save" / "t_conv_conv" / "conversation.json").read_text())
@@ -218,7 +231,7 @@ def test_the_system_converses_after_recommending_and_interacts_through_a_pipe(gp
     assert report["replies"] == 24 and 1.0 <= report["ppl"] < 50_000
     assert 0 <= report["bleu@1"] <= 1 and 0 <= report["item_share"] <= 1
     ppls = [h["valid"]["ppl"] for h in summary["history"]]
-    assert len(ppls) == 3 and summary["best_epoch"] == int(np.argmin(ppls))  # the kept epoch: best validation ppl
+    assert len(ppls) == 6 and ppls[-1] < ppls[0] and summary["best_epoch"] == int(np.argmin(ppls))  # the kept epoch: best validation ppl
     conv = lotcrs_home / "save" / "t_conv_system.conv"
     assert (conv / "decoder" / "config.json").is_file() and (conv / "memory" / "responses.json").is_file()
 
