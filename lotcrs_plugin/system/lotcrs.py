@@ -86,6 +86,7 @@ from lotcrs_plugin.model.retrieval import MemoryStore  # noqa: E402
 from lotcrs_plugin.model.tail_slots import describe, grid_settings  # noqa: E402
 from lotcrs_plugin.model.smoothing import SmoothingConfig, TeacherScores, label_smoothness_loss  # noqa: E402
 from lotcrs_plugin.system import distributed  # noqa: E402
+from lotcrs_plugin.system.conversation import ConversationStage, LOTCRSView  # noqa: E402
 from lotcrs_plugin.system.optim import adamw_linear  # noqa: E402
 from lotcrs_plugin.system.selection import BestEpochSelector, SelectionConfig  # noqa: E402
 
@@ -285,6 +286,11 @@ class LOTCRSSystem(BaseSystem):
                 raise UserError("retrieval.tail_slots: needs `evaluator: longtail`, whose longtail: block "
                                 "defines the tail items; set it, or tail_slots: null")
             self.model.tail_items = torch.as_tensor(np.asarray(catalog.is_tail, dtype=bool))
+        # the conversation stage (conversation: block; lotcrs_plugin/system/conversation.py), None when off
+        self.conversation = ConversationStage.from_opt(opt, active_layout().save, f"{self.run_name}_conv", self.device,
+                                                       self.seed)
+        if self.conversation is not None and restore_system:
+            self.conversation.load(Path(self.model_file).with_suffix(".conv"))
 
     def _check_knn_pretrain(self, opt: Any) -> None:
         over = self.retrieval_cfg.knn_pretrain
@@ -935,6 +941,8 @@ class LOTCRSSystem(BaseSystem):
             logger.info(f"[lotcrs] restored system from {self.model_file}: testing it")
             if dist.is_main:
                 self.test()
+                if self.conversation is not None:
+                    self.conversation.test(LOTCRSView(self))
             dist.barrier()
             return
         if self.model.ranker is not None:  # a training-free baseline: nothing to train or select
@@ -983,6 +991,8 @@ class LOTCRSSystem(BaseSystem):
             self.test()
             self.timings["total_s"] = round(time.perf_counter() - started, 2)
             self.write_summary()
+            if self.conversation is not None:  # after the recommender: its items fill the replies
+                self.conversation.fit(LOTCRSView(self))
         dist.barrier()
 
     # -- checkpoints
@@ -1074,6 +1084,8 @@ class LOTCRSSystem(BaseSystem):
             self.model.store.save(self.store_file)
         if self.model.knn is not None:
             self.model.knn.save(Path(self.model_file).with_suffix(".knn"))
+        if self.conversation is not None:
+            self.conversation.save(Path(self.model_file).with_suffix(".conv"))
         logger.info(f"[lotcrs] system saved to {self.model_file}")
 
     def restore_model(self) -> None:
@@ -1157,17 +1169,25 @@ class LOTCRSSystem(BaseSystem):
 
         items = self.model.items
         shown = [n.lower() for n in items.display_names]
+        from lotcrs_plugin.data.entity_linking import AttributeLinker
+
+        link = AttributeLinker.from_folder(self.folder)  # genres, people: the message's entities, as in a test turn
         turns: list[dict[str, Any]] = []
         self.finished = False
         while True:
-            text = self.get_input(dataset_language_map.get(self.opt["dataset"], "en"))
+            try:
+                text = self.get_input(dataset_language_map.get(self.opt["dataset"], "en"))
+            except EOFError:  # the end of a script's standard input
+                print()
+                break
             if self.finished:
                 break
             low = text.lower()
             movies = [items.entity_names[i] for i, name in enumerate(shown) if name in low]
-            turns.append({"role": "Seeker", "raw_text": text, "text": low.split(), "movies": movies, "entity": []})
+            turns.append({"role": "Seeker", "raw_text": text, "text": low.split(), "movies": movies, "entity": link(text)})
             top = self.recommend(turns)
-            reply = f"You should watch {items.display_names[top[0]]}."
+            reply = (self.conversation.reply(LOTCRSView(self), turns, top[0]) if self.conversation is not None
+                     else f"You should watch {items.display_names[top[0]]}.")
             print(f"Recommender: {reply} (also: {'; '.join(items.display_names[i] for i in top[1:5])})")
             turns.append({"role": "Recommender", "raw_text": reply, "text": reply.lower().split(),
                           "movies": [items.entity_names[top[0]]], "entity": []})
