@@ -332,3 +332,47 @@ def test_config_file_names_registered_parts(plugin):
     bad = dict(opt, lotcrs_pretrain={"epochs": "two"})
     with pytest.raises(UserError, match="block 'lotcrs_pretrain': key 'epochs' must be an integer"):
         run_config.validate(bad)
+
+
+def test_progress_total_is_the_batches_that_run(plugin, synthetic_bert, lotcrs_home, monkeypatch):
+    """The bar of every epoch counts to where it really ends (max_steps cuts the second short),
+    so its ETA is true; the log's step total is max_steps."""
+    import tqdm.auto
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.total_shown, self.n_shown = kwargs.get("total"), kwargs.get("initial", 0)
+            if str(kwargs.get("desc", "")).startswith("pretrain epoch"):  # not the model files' bars
+                bars.append(self)
+
+        def update(self, n=1):  # a disabled tqdm counts nothing: count here, as the shown bar would
+            self.n_shown += n
+            self.n = self.n_shown
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    system = _system(_opt(synthetic_bert, simulated=False, run_name="bars", epochs=3, grad_accumulation=2,
+                          checkpoint_every=0, eval_max_batches=1))
+    system.build_optim()
+    per_epoch = system.sampler("train", 0).n_batches
+    assert per_epoch >= 4, per_epoch
+    max_steps = system.steps_per_epoch() + 1  # the whole first epoch, one step of the second
+    system = _system(_opt(synthetic_bert, simulated=False, run_name="bars", epochs=3, grad_accumulation=2,
+                          checkpoint_every=0, eval_max_batches=1, max_steps=max_steps))
+    ran = []
+    step = type(system).step
+
+    def counting(self, batch, stage="pretrain", mode="train", *args, **kwargs):
+        if mode == "train":
+            ran.append(self.epoch)
+        return step(self, batch, stage, mode, *args, **kwargs)
+
+    monkeypatch.setattr(type(system), "step", counting)
+    system.fit()
+    assert system.global_step == max_steps and system.last_step == max_steps < system.total_steps
+    assert [b.total_shown for b in bars] == [ran.count(0), ran.count(1)] == [per_epoch, 2]
+    assert [b.n_shown for b in bars] == [b.total_shown for b in bars]  # each bar ends full
+    assert len(ran) == per_epoch + 2

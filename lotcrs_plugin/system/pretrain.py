@@ -370,6 +370,11 @@ class LOTCRSPretrainSystem(BaseSystem):
     def steps_per_epoch(self) -> int:
         return math.ceil(self.sampler("train", 0).n_batches / self.cfg.grad_accumulation)
 
+    @property
+    def last_step(self) -> int:
+        """The optimizer step training stops at: max_steps when it cuts the epochs short."""
+        return min(self.total_steps, self.cfg.max_steps) if self.cfg.max_steps else self.total_steps
+
     def build_optim(self) -> None:
         cfg = self.cfg
         total = max(1, self.steps_per_epoch() * cfg.epochs)
@@ -492,7 +497,8 @@ class LOTCRSPretrainSystem(BaseSystem):
         if cfg.max_steps and self.global_step >= cfg.max_steps:  # a finished run, resumed: not one step more
             logger.info(f"[pretrain] {self.run_name}: already at max_steps {cfg.max_steps}; nothing to train")
             return
-        logger.info(f"[pretrain] {self.run_name}: {self.steps_per_epoch()} steps per epoch, {cfg.epochs} epochs, "
+        stops = f" (stops at max_steps {self.last_step})" if self.last_step < self.total_steps else ""
+        logger.info(f"[pretrain] {self.run_name}: {self.steps_per_epoch()} steps per epoch, {cfg.epochs} epochs{stops}, "
                     f"effective batch {cfg.batch_size * acc}{processes}, device {self.device}, bf16 autocast {self.autocast}")
         while self.epoch < cfg.epochs:
             sampler = self.sampler("train", self.epoch, start=self.batch_in_epoch)
@@ -501,8 +507,10 @@ class LOTCRSPretrainSystem(BaseSystem):
             self.model.train()
             sums: dict[str, torch.Tensor] = {}
             n_sum = 0
-            bar = tqdm(total=n_batches, initial=start, desc=f"pretrain epoch {self.epoch}", dynamic_ncols=True,
-                       leave=False, disable=not dist.is_main)
+            # the bar's total is where this epoch really ends (max_steps may stop it early), so its ETA is true
+            end = epoch_end(n_batches, start, acc, self.last_step - self.global_step)
+            bar = tqdm(total=end, initial=start, desc=f"pretrain epoch {self.epoch}", unit="batch",
+                       dynamic_ncols=True, leave=False, disable=not dist.is_main)
             stopped = False
             for mb, batch in zip(micro, self.loader("train", dist.shard(sampler, micro))):
                 with dist.sync(self.ddp, mb.last):
@@ -543,7 +551,7 @@ class LOTCRSPretrainSystem(BaseSystem):
         lr = self.scheduler.get_last_lr()[0]
         text = ", ".join(f"{k} {v:.4f}" for k, v in sorted(self.last.items()))
         bar.set_postfix_str(text)
-        logger.info(f"[pretrain] step {self.global_step}/{self.total_steps} lr {lr:.2e}: {text}")
+        logger.info(f"[pretrain] step {self.global_step}/{self.last_step} lr {lr:.2e}: {text}")
         if writer is not None:
             for k, v in self.last.items():
                 writer.add_scalar(f"train/{k}", v, self.global_step)
@@ -582,6 +590,13 @@ class LOTCRSPretrainSystem(BaseSystem):
 
     def interact(self) -> None:
         raise UserError("the pre-training system does not converse; fine-tune the backbone first")
+
+
+def epoch_end(n_batches: int, start: int, accumulation: int, steps_left: int) -> int:
+    """The micro-batch position where an epoch of ``n_batches`` that resumes at ``start`` ends
+    when at most ``steps_left`` optimizer steps remain (steps hold ``accumulation`` micro-batches
+    from position 0 on, as distributed.plan groups them; the epoch's last may be short)."""
+    return min(n_batches, (start // accumulation + max(0, steps_left)) * accumulation)
 
 
 def build_data(backbone: Any, dialogs: Iterable[dict], items: ItemVocab, entity2id: Mapping[str, int],
