@@ -185,6 +185,46 @@ def test_batches_pad_dynamically_and_resume_at_any_batch(small_bert):
     assert out.dmp.input_ids.shape[0] == 4 and out.cca.input_ids.shape[0] == 6 and out.cca_targets.shape == (3,)
 
 
+def test_mlm_head_at_the_masked_positions_only_equals_the_full_head(small_bert):
+    """masked_lm_loss runs the MLM head on the selected positions alone (lm_logits(hidden[where])):
+    loss and gradients equal those of BertForMaskedLM's full (B, T, V) logits."""
+    import torch.nn.functional as F
+
+    from lotcrs_plugin.model.pretrain_losses import masked_lm_loss
+
+    bb = small_bert
+    table = tokenize_dialogs(DIALOGS * 3, bb.tokenizer, bb.sep_ids, ITEMS, ENTITY2ID)
+    data = PretrainData(table, bb.input_format(64), bb.first_item_id, dmp=dmp_index(table), cca=cca_index(table))
+    batch = collate([data.dmp_row(i) for i in range(len(data.dmp))], bb.pad_token_id, 8, 64)
+    m = mask_keywords(batch.input_ids, batch.keyword_mask, batch.entity_ids > 0, probability=0.9,
+                      mask_token_id=bb.mask_token_id, vocab_size=bb.vocab_size,
+                      generator=torch.Generator().manual_seed(1))
+    selected = int(m.selected.sum())
+    assert 0 < selected < int(batch.attention_mask.sum()) // 2  # few scored positions among many tokens
+    model = bb.model
+    model.eval()  # no dropout: the two passes see the same states
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    masked = batch.replace(input_ids=m.input_ids)
+    ours, acc = masked_lm_loss(bb.encode(masked), m.labels, bb.lm_logits)
+    ours.backward()
+    g_ours = grads()
+    full_logits = model(input_ids=m.input_ids, attention_mask=batch.attention_mask).logits  # every token
+    assert full_logits.shape[:2] == batch.input_ids.shape
+    full = F.cross_entropy(full_logits.reshape(-1, full_logits.shape[-1]), m.labels.reshape(-1), ignore_index=IGNORE)
+    full.backward()
+    g_full = grads()
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-6)
+    assert set(g_ours) == set(g_full) and len(g_ours) > 10
+    for name, g in g_full.items():
+        torch.testing.assert_close(g_ours[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    model.train()
+
+
 # ---- the config block ------------------------------------------------------------------------
 
 def test_config_block_validation():
