@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from lotcrs_plugin.data.length_buckets import bucketed_order
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones.base import ITEM_TOKEN, InputFormat, TokenBatch
 
@@ -463,6 +464,18 @@ class PretrainData(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dmp)
 
+    def dmp_lengths(self) -> np.ndarray:
+        """(n_dmp,) the length of each DMP row (cheap: from the turn offsets)."""
+        t, d = self.table, self.dmp
+        n_ctx = t.turn_offsets[d[:, 1] + 1] - t.turn_offsets[d[:, 0]]
+        return np.minimum(n_ctx + len(self.fmt.bos_ids), self.fmt.max_length)
+
+    def cca_lengths(self) -> np.ndarray:
+        """(n_contexts,) the length of each CCA row (context, prompt and sep)."""
+        t, c = self.table, self.cca.contexts
+        fixed = len(self.fmt.bos_ids) + len(self.fmt.prompt_ids) + len(self.fmt.sep_ids)
+        return np.minimum(t.turn_offsets[c[:, 1]] - t.turn_offsets[c[:, 0]] + fixed, self.fmt.max_length)
+
     def _slice(self, first_turn: int, end_turn: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         t = self.table
         lo, hi = t.turn_offsets[first_turn], t.turn_offsets[end_turn]
@@ -507,11 +520,17 @@ class PretrainBatchSampler:
     The epoch walks the primary task once: the DMP samples (shuffled) when DMP is on, else every
     pairable CCA context once as an anchor. With both on, CCA batches follow their own epochs
     (cycles) alongside. A CCA anchor's positive is another context of the same target, drawn at
-    random.
+    random. ``bucket_pool`` > 1 with ``dmp_lengths`` / ``cca_lengths`` (per DMP sample / CCA
+    context): the shuffled DMP samples and CCA pairs are regrouped into length-sorted batches in
+    shuffled order (lotcrs_plugin.data.length_buckets; a pair counts with its longer side).
     """
 
     def __init__(self, n_dmp: int, cca: CCAIndex | None, batch_size: int, cca_batch_size: int, *, seed: int,
-                 epoch: int = 0, start: int = 0, use_dmp: bool = True, use_cca: bool = True, shuffle: bool = True):
+                 epoch: int = 0, start: int = 0, use_dmp: bool = True, use_cca: bool = True, shuffle: bool = True,
+                 bucket_pool: int = 0, dmp_lengths: np.ndarray | None = None,
+                 cca_lengths: np.ndarray | None = None):
+        self.bucket_pool = bucket_pool if shuffle else 0
+        self.dmp_lengths, self.cca_lengths = dmp_lengths, cca_lengths
         self.n_dmp = n_dmp if use_dmp else 0
         self.cca = cca if use_cca else None
         self.anchors = self.cca.pairable if self.cca is not None else np.zeros(0, np.int64)
@@ -541,6 +560,10 @@ class PretrainBatchSampler:
             shift = 1 + (rng.random(len(anchors)) * (sizes - 1)).astype(np.int64)
             partner = cca.members[cca.group_offsets[g] + (cca.position[anchors] + shift) % sizes]
             pairs = np.stack([anchors, partner], 1)
+            if self.bucket_pool > 1 and self.cca_lengths is not None:
+                longer = np.maximum(self.cca_lengths[anchors], self.cca_lengths[partner])
+                pairs = pairs[bucketed_order(np.arange(len(pairs)), longer, self.cca_batch_size,
+                                             self.bucket_pool, rng)]
             self._cycles = {cycle: pairs}  # keep one cycle
         return pairs
 
@@ -551,7 +574,10 @@ class PretrainBatchSampler:
     def __iter__(self) -> Iterator[list[BatchSpec]]:
         order = None
         if self.use_dmp:
-            order = self._rng(0).permutation(self.n_dmp) if self.shuffle else np.arange(self.n_dmp)
+            rng = self._rng(0)
+            order = rng.permutation(self.n_dmp) if self.shuffle else np.arange(self.n_dmp)
+            if self.bucket_pool > 1 and self.dmp_lengths is not None:
+                order = bucketed_order(order, self.dmp_lengths, self.batch_size, self.bucket_pool, rng)
         for i in range(self.start, self.n_batches):
             spec = BatchSpec()
             if order is not None:

@@ -118,7 +118,9 @@ class FinetuneConfig:
     else the backbone's default: the space CCA shaped). teacher_epochs, teacher_lr,
     teacher_max_samples (0: all): training of the label-smoothness teacher (teacher_epochs 0 uses the
     pre-trained model as it is). max_train_batches: batches per epoch (0: all; for quick checks). pad_to_multiple_of:
-    dynamic padding granularity. num_workers: DataLoader processes. bf16: autocast where the device runs it fast (CUDA; a CPU with
+    dynamic padding granularity. bucket_pool: length-bucketed training batches, pools of this many
+    batches sorted by length, the batches then shuffled (0 or 1: off; lotcrs_plugin.data.length_buckets).
+    num_workers: DataLoader processes. bf16: autocast where the device runs it fast (CUDA; a CPU with
     AVX512_BF16 or AMX: lotcrs_plugin.hardware), fp32 elsewhere.
     resume: continue from the run's checkpoint. run_name: folder under <root>/save. log_every:
     optimizer steps between log lines. seed: -1 uses the top-level seed. threads: torch's intra-op
@@ -149,6 +151,7 @@ class FinetuneConfig:
     teacher_max_samples: int = 0
     max_train_batches: int = 0
     pad_to_multiple_of: int = 8
+    bucket_pool: int = 0
     num_workers: int = 0
     bf16: bool = True
     resume: bool = False
@@ -178,7 +181,7 @@ class FinetuneConfig:
                     "log_every", "eval_chunk_elements"):
             need(getattr(self, key) >= 1, key, "at least 1")
         for key in ("impatience", "teacher_epochs", "teacher_max_samples", "max_train_batches", "num_workers",
-                    "threads"):
+                    "bucket_pool", "threads"):
             need(getattr(self, key) >= 0, key, "0 or more")
         need(self.max_length >= 16, "max_length", "at least 16")
         need(self.lr > 0, "lr", "positive")
@@ -336,8 +339,8 @@ class LOTCRSSystem(BaseSystem):
                 limit: int = 0, micro: list[distributed.MicroBatch] | None = None) -> torch.utils.data.DataLoader:
         """micro: only the batches at these positions (this process's share, distributed.plan)."""
         size = batch_size or (self.cfg.batch_size if train else self.cfg.eval_batch_size)
-        order = IndexBatches(len(data), size, seed=self.seed, epoch=epoch, shuffle=train,
-                             lengths=None if train else data.lengths(), limit=limit)
+        order = IndexBatches(len(data), size, seed=self.seed, epoch=epoch, shuffle=train, lengths=data.lengths(),
+                             limit=limit, bucket_pool=self.cfg.bucket_pool if train else 0)
         if micro is not None:
             order = self.dist.shard(order, micro)
         return loader(data, order, num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",

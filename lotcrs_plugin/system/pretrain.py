@@ -89,7 +89,9 @@ class PretrainConfig:
     mean | first_last ('' = the backbone's default); projection: SimCSE MLP while training,
     true | false | auto (the backbone's default: on for bert). max_length: tokens per input,
     cut from the left. prompt: appended to CCA contexts. dmp_samples: prefixes | dialogs.
-    pad_to_multiple_of: dynamic padding granularity. num_workers: DataLoader processes. bf16:
+    pad_to_multiple_of: dynamic padding granularity. bucket_pool: length-bucketed batches, pools of
+    this many batches sorted by length, the batches then shuffled (0 or 1: off;
+    lotcrs_plugin.data.length_buckets). num_workers: DataLoader processes. bf16:
     autocast where the device runs it fast (CUDA; a CPU with AVX512_BF16 or AMX), fp32 elsewhere. checkpoint_every: steps between checkpoints (0: epoch ends
     only). resume: continue from the run's checkpoint. run_name: folder under <root>/save.
     tensorboard: scalars under <root>/runs/<run name>. log_every: steps between log lines.
@@ -117,6 +119,7 @@ class PretrainConfig:
     prompt: str = DEFAULT_PROMPT
     dmp_samples: str = "prefixes"
     pad_to_multiple_of: int = 8
+    bucket_pool: int = 0
     num_workers: int = 0
     bf16: bool = True
     checkpoint_every: int = 500
@@ -147,7 +150,8 @@ class PretrainConfig:
         need(self.dmp_samples in DMP_MODES, "dmp_samples", " or ".join(DMP_MODES))
         for key in ("epochs", "batch_size", "grad_accumulation", "pad_to_multiple_of"):
             need(getattr(self, key) >= 1, key, "at least 1")
-        for key in ("max_steps", "cca_batch_size", "num_workers", "checkpoint_every", "eval_max_batches"):
+        for key in ("max_steps", "cca_batch_size", "num_workers", "checkpoint_every", "eval_max_batches",
+                    "bucket_pool"):
             need(getattr(self, key) >= 0, key, "0 or more")
         need(self.log_every >= 1, "log_every", "at least 1")
         need(self.max_length >= 8, "max_length", "at least 8")
@@ -333,9 +337,13 @@ class LOTCRSPretrainSystem(BaseSystem):
 
     def sampler(self, split: str, epoch: int, start: int = 0, shuffle: bool = True) -> PretrainBatchSampler:
         d = self.data(split)
+        pool = self.cfg.bucket_pool if shuffle else 0
+        lengths = ({"dmp_lengths": d.dmp_lengths(), "cca_lengths": d.cca_lengths() if d.cca is not None else None}
+                   if pool > 1 else {})
         return PretrainBatchSampler(len(d.dmp), d.cca, self.cfg.batch_size, self.cfg.pairs_per_batch,
                                     seed=self.seed, epoch=epoch, start=start, use_dmp=self.use_dmp,
-                                    use_cca=self.use_cca, shuffle=shuffle)
+                                    use_cca=self.use_cca, shuffle=shuffle, bucket_pool=pool,
+                                    **lengths)
 
     def loader(self, split: str, sampler: PretrainBatchSampler) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers
