@@ -779,7 +779,8 @@ def main(argv: list[str] | None = None) -> dict:
             hf_logging.enable_progress_bar()
     out = args.out or default_out(rep["device"]["kind"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(rep)
+    ab = out.with_name(f"speed_ab_{rep['device']['kind']}.json")  # benchmarks/ab.py's before/after rows
+    text = markdown(rep, json.loads(ab.read_text()) if ab.is_file() else None)
     out.write_text(text, encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(rep, indent=1, default=str) + "\n", encoding="utf-8")
     print(text)

@@ -15,7 +15,29 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def markdown(rep: dict) -> str:
+WHAT = {"threads": "torch threads", "bf16": "bf16 autocast", "bucket": "bucket_pool (length-bucketed batches)"}
+
+
+def ab_table(entries: list[dict]) -> list[str]:
+    """The before/after table of benchmarks/ab.py's entries (each speed-up measured on its own)."""
+    if not entries:
+        return []
+    lines = ["## Speed-ups, each measured on its own", "",
+             "Each row: one setting's two values trained in alternation, step by step, in one process, on the same "
+             "data and model (benchmarks/ab.py); B/A is the ratio of their samples/s; padding is the share of "
+             "padded positions among the positions computed.", "",
+             "| stage | setting | A | B | A samples/s | B samples/s | B/A | padding A -> B | steps | CPU, load | command |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- |"]
+    for e in sorted(entries, key=lambda e: (e["stage"], e["what"])):
+        a, b = e["A"], e["B"]
+        lines.append(f"| {e['stage']} | {WHAT.get(e['what'], e['what'])} | {a['setting']} | {b['setting']} | "
+                     f"{a['samples_s']:.2f} | {b['samples_s']:.2f} | {e['ratio']:.2f}x | "
+                     f"{100 * a['padding_share']:.0f}% -> {100 * b['padding_share']:.0f}% | {e['steps']} | "
+                     f"{e['cpu']}, {e['cpus']} CPUs, load {e['load_average']:.1f}, {e['date']} | `{e['command']}` |")
+    return lines + [""]
+
+
+def markdown(rep: dict, ab_entries: list[dict] | None = None) -> str:
     d, s, r = rep["device"], rep["setup"], rep["results"]
     if d["type"] == "cuda":
         dev = (f"{d['name']}, CUDA {d.get('cuda')}, peak {d['peak_flops'] / 1e12:.0f} TFLOP/s bf16 dense"
@@ -130,6 +152,7 @@ def markdown(rep: dict) -> str:
         lines += ["On a GPU: `python benchmarks/speed.py --device cuda --arch bert-base` (BERT-base from BertConfig(), "
                   "bf16 autocast, MFU against the GPU's dense bf16 peak) writes speed_<gpu>.md; on the lent GPU "
                   "machines, which lack crslab and faiss, benchmarks/gpu_wheels.sh prepares the wheels to carry.", ""]
+    lines += ab_table(ab_entries or [])
     return "\n".join(lines)
 
 
