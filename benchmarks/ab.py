@@ -189,6 +189,21 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                        + "".join(" " + shlex.quote(x) for x in argv)}
 
 
+def record(entry: dict[str, Any], out: Path | None) -> None:
+    """Put ``entry`` into the results JSON (replacing the one of the same stage and setting) and,
+    when speed_cpu.json is there, write speed_cpu.md again with the table."""
+    path = out or BENCH / "results" / "speed_ab_cpu.json"
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    entries = [e for e in entries if (e["stage"], e["what"]) != (entry["stage"], entry["what"])] + [entry]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+    page = path.with_name("speed_cpu.json")
+    if out is None and page.is_file():  # the before/after table of speed_cpu.md, up to date
+        from speed_report import markdown
+
+        path.with_name("speed_cpu.md").write_text(markdown(json.loads(page.read_text()), entries), encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -200,16 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("crslab", "lotcrs_plugin"):
         logger.disable(name)
     entry = measure(args, argv)
-    out = args.out or BENCH / "results" / "speed_ab_cpu.json"
-    entries = json.loads(out.read_text()) if out.is_file() else []
-    entries = [e for e in entries if (e["stage"], e["what"]) != (entry["stage"], entry["what"])] + [entry]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
-    page = out.with_name("speed_cpu.json")
-    if args.out is None and page.is_file():  # the before/after table of speed_cpu.md, up to date
-        from speed_report import markdown
-
-        out.with_name("speed_cpu.md").write_text(markdown(json.loads(page.read_text()), entries), encoding="utf-8")
+    record(entry, args.out)
     a, b = entry["A"], entry["B"]
     print(f"{args.stage} {args.what}: A={a['setting']} {a['samples_s']:.2f} samples/s (padding "
           f"{100 * a['padding_share']:.0f}%), B={b['setting']} {b['samples_s']:.2f} samples/s (padding "

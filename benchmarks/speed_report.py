@@ -15,7 +15,8 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-WHAT = {"threads": "torch threads", "bf16": "bf16 autocast", "bucket": "bucket_pool (length-bucketed batches)"}
+WHAT = {"threads": "torch threads", "bf16": "bf16 autocast", "bucket": "bucket_pool (length-bucketed batches)",
+        "tokenize": "tokenizer call (dialogs/s, not samples/s)"}
 
 
 def ab_table(entries: list[dict]) -> list[str]:

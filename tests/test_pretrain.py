@@ -125,6 +125,26 @@ def small_bert(tmp_path_factory):
     return backbone
 
 
+def test_the_rust_backend_call_tokenizes_as_transformers_does(small_bert, tmp_path):
+    """tokenize_dialogs calls a fast tokenizer's backend directly (half the time); ids and
+    offsets equal transformers' own call, item tokens and byte-level BPE included."""
+    from lotcrs_plugin.data.pretrain_samples import _encode
+    from lotcrs_plugin.model.backbones.base import ITEM_TOKEN
+    from test_backbones import tiny_bart
+
+    bart = build_backbone("bart", str(tiny_bart(tmp_path / "bart")))
+    bart.add_item_tokens(ITEMS.display_names, ITEMS.entity_ids)
+    texts = [" ".join(t["text"]) if isinstance(t["text"], list) else t["text"] for d in DIALOGS for t in d["dialog"]]
+    texts += [f"you should watch {ITEM_TOKEN.format(1)} , or <item_0>  !", "", "  spaced   out  "]
+    for bb in (small_bert, bart):
+        assert bb.tokenizer.is_fast
+        ids, offsets = _encode(bb.tokenizer, texts)
+        enc = bb.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        assert [list(x) for x in ids] == enc["input_ids"]
+        assert [[tuple(o) for o in x] for x in offsets] == [[tuple(o) for o in x] for x in enc["offset_mapping"]]
+        assert {bb.first_item_id, bb.first_item_id + 1} <= set(ids[-3])  # item tokens found as tokens
+
+
 def test_samples_mark_keywords_and_hide_the_target(small_bert):
     bb = small_bert
     tok = bb.tokenizer

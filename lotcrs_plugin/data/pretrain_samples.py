@@ -227,6 +227,18 @@ class _Marker:
         return "".join(pieces), spans, mentioned
 
 
+def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text, no special tokens. A fast tokenizer's Rust backend
+    is called directly: transformers' own call gives the same ids and offsets but converts every
+    encoding in Python, half of the tokenization time."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "is_fast", False):
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
 def tokenize_dialogs(dialogs: Iterable[Mapping[str, Any]], tokenizer: Any, sep_ids: Sequence[int],
                      items: ItemVocab, entity2id: Mapping[str, int]) -> TurnTable:
     """Tokenize every turn of ``dialogs`` once (see the module docstring).
@@ -262,12 +274,12 @@ def tokenize_dialogs(dialogs: Iterable[Mapping[str, Any]], tokenizer: Any, sep_i
     ids_parts, off_parts, count_parts = [], [], []
     chain = itertools.chain.from_iterable
     for lo in range(0, len(texts), _CHUNK):  # chunks bound the memory of the tokenizer's lists
-        enc = tokenizer(texts[lo:lo + _CHUNK], add_special_tokens=False, return_offsets_mapping=True)
-        counts = np.fromiter(map(len, enc["input_ids"]), dtype=np.int64, count=len(enc["input_ids"]))
+        ids, offs = _encode(tokenizer, texts[lo:lo + _CHUNK])
+        counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         n = int(counts.sum())
         count_parts.append(counts)
-        ids_parts.append(np.fromiter(chain(enc["input_ids"]), dtype=np.int64, count=n))
-        off_parts.append(np.fromiter(chain(chain(enc["offset_mapping"])), dtype=np.int64, count=2 * n).reshape(-1, 2))
+        ids_parts.append(np.fromiter(chain(ids), dtype=np.int64, count=n))
+        off_parts.append(np.fromiter(chain(chain(offs)), dtype=np.int64, count=2 * n).reshape(-1, 2))
     n_turns = len(texts)
     counts_arr = np.concatenate(count_parts) if count_parts else np.zeros(0, np.int64)
     flat_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
