@@ -378,3 +378,23 @@ def test_bf16_autocast_ranks_as_fp32_within_tolerance(bert_system):
     assert float(overlap.mean()) >= 9.0, overlap
     assert float((r32 - r16).abs().mean()) <= 0.02 * n_items
     assert abs(float((r32 < 10).float().mean()) - float((r16 < 10).float().mean())) <= 0.05
+
+
+def test_fine_tuning_progress_total_is_the_batches_that_run(bert_system, monkeypatch):
+    import tqdm.auto
+
+    bars, ran = [], []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, iterable=None, *args, **kwargs):
+            super().__init__(iterable, *args, **{**kwargs, "disable": True})
+            if str(kwargs.get("desc", "")).startswith("fine-tune epoch"):
+                bars.append(kwargs["total"])
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    system = bert_system
+    step = system.step
+    monkeypatch.setattr(system, "step", lambda batch, stage, mode, **kw: ran.append(mode) or step(batch, stage, mode, **kw))
+    system.build_optim()
+    system.train_epoch()
+    assert bars == [len(ran)] == [system.train_batches()] == [2]  # max_train_batches: 2 of the epoch's batches

@@ -781,7 +781,10 @@ class LOTCRSSystem(BaseSystem):
         dist = self.dist
         micro = dist.plan(self.train_batches(), 0, cfg.grad_accumulation)  # this process's share (all in one)
         batches = self.batches(train, train=True, epoch=self.epoch, limit=cfg.max_train_batches, micro=micro)
-        for mb, batch in zip(micro, batches):
+        from tqdm.auto import tqdm  # the bar's total: the micro-batches this epoch really runs
+
+        for mb, batch in tqdm(zip(micro, batches), total=len(micro), desc=f"fine-tune epoch {self.epoch}",
+                              unit="batch", leave=False, dynamic_ncols=True, disable=not dist.is_main):
             with dist.sync(self.ddp, mb.last):
                 parts = self.step(batch, "rec", "train", scale=mb.scale)
             if mb.scale:  # a stand-in (scale 0) is not a sample
