@@ -71,6 +71,7 @@ from lotcrs_plugin.errors import UserError  # noqa: E402
 MINILM = Path(os.path.expanduser("~/.cache/lotcrs/models/all-MiniLM-L6-v2"))
 ARCHS = ("tiny", "minilm", "bert-base")
 PARTS = ("simulator", "store", "retrieval", "pretrain", "crslab_bert", "finetune", "hf_reference", "evaluation")
+SKIPPABLE = ("simulator", "store", "retrieval", "training", "evaluation")
 TRAINING = ("pretrain", "crslab_bert", "finetune", "hf_reference")  # measured together, alternating
 
 
@@ -102,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak", type=float, default=None,
                    help="peak FLOP/s for MFU (default: the GPU's dense bf16 peak by name; none on CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's setting)")
+    p.add_argument("--skip", default="", help="comma-separated parts not to run (e.g. store,retrieval: the "
+                                               "slowest set-up on a large simulation); known: " + ", ".join(SKIPPABLE))
     p.add_argument("--retrieval", choices=("on", "off"), default="off",
                    help="fine-tuning with the retrieval fusion and its loss (on, when faiss is there) or without "
                         "(off: as crslab_configs/lotcrs_inspired_cpu.yaml runs, and the plain loop's task)")
@@ -115,6 +118,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, not {getattr(args, key)}")
     if args.seq < 16:
         raise UserError(f"--seq must be at least 16 (the prompt and a context), not {args.seq}")
+    args.skip = tuple(x for x in args.skip.split(",") if x)
+    for part in args.skip:
+        if part not in SKIPPABLE:
+            raise UserError(f"--skip {part}: not a part that can be left out; known: {', '.join(SKIPPABLE)}")
+    if args.retrieval == "on" and "store" in args.skip:
+        raise UserError("--retrieval on fine-tunes with the memory store: do not --skip store")
     if args.rounds < 0:
         raise UserError(f"--rounds must be 0 or more, not {args.rounds}")
     for key in ("steps", "warmup"):
@@ -233,8 +242,10 @@ class SpeedRun:
         print(f"speed.py: skipping {part}: {reason}", file=sys.stderr, flush=True)
 
     def part(self, name: str, fn: Callable[[], dict], needs: tuple[str, ...] = (), *, several: bool = False) -> None:
-        """Run one part unless a module or an earlier part it needs is missing; ``several``: fn
-        returns the results of several parts by name (measured together)."""
+        """Run one part unless a module or an earlier part it needs is missing, or --skip names it;
+        ``several``: fn returns the results of several parts by name (measured together)."""
+        if name in self.args.skip:
+            return self.skip(name, "--skip")
         for need in needs:
             if need in self.missing and self.missing[need]:
                 return self.skip(name, f"needs {need} ({self.missing[need]})")
