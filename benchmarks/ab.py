@@ -13,8 +13,8 @@ task: no retrieval fusion) or pretrain (LOTCRSPretrainSystem's DMP + CCA micro-b
 draw their batches from identical samplers (the same sequences when the setting does not change
 them) and share one model and optimizer.
 
-Results: benchmarks/results/speed_ab_<device>.json, one entry per (stage, what), replaced when
-measured again; benchmarks/speed.py (and this script, when speed_<device>.json is there) writes
+Results: benchmarks/results/speed_ab_<device>.json, one entry per (stage, what, dataset, model),
+replaced when measured again; benchmarks/speed.py (and this script, when speed_<device>.json is there) writes
 them as the before/after table of speed_<device>.md.
 """
 
@@ -117,6 +117,41 @@ def pretrain_side(system: Any, pool: int) -> tuple[Any, Iterator[Any], Any]:
     return system, batches(), step
 
 
+def epoch_positions(stage: str, system: Any, pool: int) -> tuple[int, int]:
+    """(positions computed, real tokens) over a whole epoch 0 with ``pool``: the padding that the
+    timed steps (a sample of the epoch's batches) only estimate."""
+    import numpy as np
+
+    from lotcrs_plugin.data.length_buckets import padded_positions
+
+    if stage == "finetune":
+        from lotcrs_plugin.data.finetune_samples import IndexBatches
+
+        train = system.data("train")
+        lengths = train.lengths()
+        order = IndexBatches(len(train), system.cfg.batch_size, seed=system.seed, epoch=0, lengths=lengths,
+                             bucket_pool=pool).order
+        return padded_positions(order, lengths, system.cfg.batch_size, system.cfg.pad_to_multiple_of)
+    from lotcrs_plugin.data.pretrain_samples import PretrainBatchSampler
+
+    d, cfg = system.data("train"), system.cfg
+    dmp_len, cca_len = d.dmp_lengths(), d.cca_lengths() if d.cca is not None else None
+    sampler = PretrainBatchSampler(len(d.dmp), d.cca, cfg.batch_size, cfg.pairs_per_batch, seed=system.seed,
+                                   epoch=0, use_dmp=system.use_dmp, use_cca=system.use_cca, bucket_pool=pool,
+                                   dmp_lengths=dmp_len, cca_lengths=cca_len)
+    computed = real = 0
+    specs = [spec for [spec] in sampler]
+    if specs and specs[0].dmp is not None:
+        c, r = padded_positions(np.concatenate([s.dmp for s in specs]), dmp_len, cfg.batch_size, cfg.pad_to_multiple_of)
+        computed, real = computed + c, real + r
+    if specs and specs[0].cca is not None:  # a pair's two rows share the batch's width
+        for spec in specs:
+            rows = cca_len[spec.cca.reshape(-1)]
+            computed += -(-int(rows.max()) // cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of * len(rows)
+            real += int(rows.sum())
+    return computed, real
+
+
 def count(batch) -> dict[str, float]:
     """Samples, padded positions (tokens) and real tokens of a fine-tuning or pre-training batch."""
     parts = [batch.tokens] if hasattr(batch, "tokens") else [t for t in (batch.dmp, batch.cca) if t is not None]
@@ -149,7 +184,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             else:
                 system = run.prepare_pretrain()["system"]
             system.model.train()
-            sides = []
+            sides, positions = [], {}
             for name, value in (("A", args.a), ("B", args.b)):
                 pool = int(value) if args.what == "bucket" else 0
                 system, batches, step = (finetune_side(run, pool) if args.stage == "finetune"
@@ -164,6 +199,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                         system.autocast = value == "on"
 
                 sides.append(Contender(name, step, count, batches=batches, enter=enter))
+                positions[name] = epoch_positions(args.stage, system, pool)
             totals = alternate(sides, steps=args.steps, warmup=args.warmup, rounds=args.steps)
         finally:
             run.__dict__.pop("system", None)
@@ -177,7 +213,8 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         t = totals[side]
         out[side] = {"setting": value, "seconds": t["seconds"], "samples": t["samples"],
                      "samples_s": t["samples"] / t["seconds"], "tokens": t["tokens"],
-                     "padding_share": 1 - t["real_tokens"] / t["tokens"]}
+                     "padding_share": 1 - t["real_tokens"] / t["tokens"],
+                     "epoch_positions": positions[side][0], "epoch_padding_share": 1 - positions[side][1] / positions[side][0]}
     from lotcrs_plugin.hardware import cpu_info
 
     omp = os.environ.get("OMP_NUM_THREADS")
@@ -194,14 +231,16 @@ def record(entry: dict[str, Any], out: Path | None) -> None:
     when speed_cpu.json is there, write speed_cpu.md again with the table."""
     path = out or BENCH / "results" / "speed_ab_cpu.json"
     entries = json.loads(path.read_text()) if path.is_file() else []
-    entries = [e for e in entries if (e["stage"], e["what"]) != (entry["stage"], entry["what"])] + [entry]
+    key = ("stage", "what", "dataset", "arch")
+    entries = [e for e in entries if [e.get(k) for k in key] != [entry.get(k) for k in key]] + [entry]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
     page = path.with_name("speed_cpu.json")
     if out is None and page.is_file():  # the before/after table of speed_cpu.md, up to date
-        from speed_report import markdown
+        from speed_report import markdown, page_inputs
 
-        path.with_name("speed_cpu.md").write_text(markdown(json.loads(page.read_text()), entries), encoding="utf-8")
+        md = path.with_name("speed_cpu.md")
+        md.write_text(markdown(json.loads(page.read_text()), *page_inputs(md)), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "tokens": float(tables[s].stats["tokens"]) * args.rounds, "padding_share": 0.0}
              for s, name in (("A", "transformers call"), ("B", "Rust backend"))}
     entry = {"stage": "data", "what": "tokenize", **sides, "ratio": seconds["A"] / seconds["B"],
-             "steps": args.rounds, "dataset": args.dataset, "split": args.split, "unit": "dialogs",
+             "steps": args.rounds, "dataset": args.dataset, "arch": args.backbone_path.name, "split": args.split,
+             "unit": "dialogs",
              "cpu": cpu_info().describe(), "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "command": "python benchmarks/bench_tokenize.py" + "".join(" " + shlex.quote(x) for x in argv)}

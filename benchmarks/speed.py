@@ -64,7 +64,7 @@ for _p in (str(BENCH), str(REPO)):
         sys.path.insert(0, _p)
 
 from _common import cpu_name, encoder_dims, encoder_train_flops, mfu, peak_bf16_flops  # noqa: E402
-from speed_report import markdown  # noqa: E402
+from speed_report import markdown, page_inputs  # noqa: E402
 
 from lotcrs_plugin.errors import UserError  # noqa: E402
 
@@ -790,8 +790,7 @@ def main(argv: list[str] | None = None) -> dict:
             hf_logging.enable_progress_bar()
     out = args.out or default_out(rep["device"]["kind"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    ab = out.with_name(f"speed_ab_{rep['device']['kind']}.json")  # benchmarks/ab.py's before/after rows
-    text = markdown(rep, json.loads(ab.read_text()) if ab.is_file() else None)
+    text = markdown(rep, *page_inputs(out))  # with benchmarks/ab.py's before/after rows and the notes
     out.write_text(text, encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(rep, indent=1, default=str) + "\n", encoding="utf-8")
     print(text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def _f(x: float | None, digits: int = 1) -> str:
     if x is None:
@@ -19,6 +21,21 @@ WHAT = {"threads": "torch threads", "bf16": "bf16 autocast", "bucket": "bucket_p
         "tokenize": "tokenizer call (dialogs/s, not samples/s)"}
 
 
+def page_inputs(md: Path) -> tuple[list[dict] | None, str]:
+    """(ab entries, notes) kept next to speed_<device>.md: speed_ab_<device>.json, speed_<device>_notes.md."""
+    import json
+
+    kind = md.stem.split("_", 1)[1] if "_" in md.stem else "cpu"
+    ab, notes = md.with_name(f"speed_ab_{kind}.json"), md.with_name(f"{md.stem}_notes.md")
+    return (json.loads(ab.read_text()) if ab.is_file() else None,
+            notes.read_text(encoding="utf-8") if notes.is_file() else "")
+
+
+def _padding(side: dict) -> str:
+    """The whole epoch's padding share when measured (ab.py), else that of the timed batches."""
+    return f"{100 * side.get('epoch_padding_share', side['padding_share']):.0f}%"
+
+
 def ab_table(entries: list[dict]) -> list[str]:
     """The before/after table of benchmarks/ab.py's entries (each speed-up measured on its own)."""
     if not entries:
@@ -26,19 +43,24 @@ def ab_table(entries: list[dict]) -> list[str]:
     lines = ["## Speed-ups, each measured on its own", "",
              "Each row: one setting's two values trained in alternation, step by step, in one process, on the same "
              "data and model (benchmarks/ab.py); B/A is the ratio of their samples/s; padding is the share of "
-             "padded positions among the positions computed.", "",
-             "| stage | setting | A | B | A samples/s | B samples/s | B/A | padding A -> B | steps | CPU, load | command |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- |"]
-    for e in sorted(entries, key=lambda e: (e["stage"], e["what"])):
+             "padded positions among the positions computed over a whole epoch (the timed steps are a sample of "
+             "its batches).", "",
+             "| stage | setting | data, model | A | B | A samples/s | B samples/s | B/A | padding A -> B | steps | "
+             "CPU, load | command |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- |"]
+    for e in sorted(entries, key=lambda e: (e["stage"], e["what"], e.get("dataset", ""), e.get("arch") or "")):
         a, b = e["A"], e["B"]
-        lines.append(f"| {e['stage']} | {WHAT.get(e['what'], e['what'])} | {a['setting']} | {b['setting']} | "
+        lines.append(f"| {e['stage']} | {WHAT.get(e['what'], e['what'])} | {e.get('dataset')}, {e.get('arch') or '-'} | "
+                     f"{a['setting']} | {b['setting']} | "
                      f"{a['samples_s']:.2f} | {b['samples_s']:.2f} | {e['ratio']:.2f}x | "
-                     f"{100 * a['padding_share']:.0f}% -> {100 * b['padding_share']:.0f}% | {e['steps']} | "
+                     f"{_padding(a)} -> {_padding(b)} | {e['steps']} | "
                      f"{e['cpu']}, {e['cpus']} CPUs, load {e['load_average']:.1f}, {e['date']} | `{e['command']}` |")
     return lines + [""]
 
 
-def markdown(rep: dict, ab_entries: list[dict] | None = None) -> str:
+def markdown(rep: dict, ab_entries: list[dict] | None = None, notes: str = "") -> str:
+    """The page; ``ab_entries``: benchmarks/ab.py's rows; ``notes``: hand-written findings
+    (speed_<device>_notes.md) appended as they are."""
     d, s, r = rep["device"], rep["setup"], rep["results"]
     if d["type"] == "cuda":
         dev = (f"{d['name']}, CUDA {d.get('cuda')}, peak {d['peak_flops'] / 1e12:.0f} TFLOP/s bf16 dense"
@@ -154,6 +176,8 @@ def markdown(rep: dict, ab_entries: list[dict] | None = None) -> str:
                   "bf16 autocast, MFU against the GPU's dense bf16 peak) writes speed_<gpu>.md; on the lent GPU "
                   "machines, which lack crslab and faiss, benchmarks/gpu_wheels.sh prepares the wheels to carry.", ""]
     lines += ab_table(ab_entries or [])
+    if notes.strip():
+        lines += [notes.strip(), ""]
     return "\n".join(lines)
 
 
