@@ -59,7 +59,7 @@ from typing import Any, Iterable, Mapping
 from lotcrs_plugin import compat
 from lotcrs_plugin.config_block import typed_values
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.hardware import bf16_autocast_pays, cpu_info
+from lotcrs_plugin.hardware import bf16_autocast_pays, cpu_info, training_threads
 
 compat.apply()  # crslab is imported only through the patches
 
@@ -124,8 +124,8 @@ class FinetuneConfig:
     AVX512_BF16 or AMX: lotcrs_plugin.hardware), fp32 elsewhere.
     resume: continue from the run's checkpoint. run_name: folder under <root>/save. log_every:
     optimizer steps between log lines. seed: -1 uses the top-level seed. threads: torch's intra-op
-    CPU threads while fit() runs (0: leave torch's setting; 1 suits tiny models and busy machines,
-    where OpenMP threads stall each other). ranker: model (LOT-CRS) | popularity |
+    CPU threads while fit() runs (0: torch's default, the physical cores or OMP_NUM_THREADS, cut to
+    the cores the load average leaves free: lotcrs_plugin.hardware.training_threads). ranker: model (LOT-CRS) | popularity |
     repeat_popularity: training-free baselines on the same samples and evaluator (nothing is
     trained; lotcrs_plugin.model.sample_rankers).
     """
@@ -891,8 +891,7 @@ class LOTCRSSystem(BaseSystem):
 
     def fit(self) -> None:
         threads = torch.get_num_threads()
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
+        torch.set_num_threads(training_threads(self.cfg.threads))  # 0: the free cores (lotcrs_plugin.hardware)
         try:
             self._fit()
         finally:

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping
 from lotcrs_plugin import compat
 from lotcrs_plugin.config_block import typed_values
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.hardware import bf16_autocast_pays
+from lotcrs_plugin.hardware import bf16_autocast_pays, training_threads
 
 compat.apply()  # crslab is imported only through the patches
 
@@ -95,7 +95,8 @@ class PretrainConfig:
     autocast where the device runs it fast (CUDA; a CPU with AVX512_BF16 or AMX), fp32 elsewhere. checkpoint_every: steps between checkpoints (0: epoch ends
     only). resume: continue from the run's checkpoint. run_name: folder under <root>/save.
     tensorboard: scalars under <root>/runs/<run name>. log_every: steps between log lines.
-    eval_max_batches: validation/test batches (0: all). seed: -1 uses the top-level seed.
+    eval_max_batches: validation/test batches (0: all). seed: -1 uses the top-level seed. threads:
+    torch's CPU threads while fit() runs (0: the free cores, lotcrs_plugin.hardware.training_threads).
     """
 
     data: str = "simulated"
@@ -129,6 +130,7 @@ class PretrainConfig:
     log_every: int = 50
     eval_max_batches: int = 100
     seed: int = -1
+    threads: int = 0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "PretrainConfig":
@@ -151,7 +153,7 @@ class PretrainConfig:
         for key in ("epochs", "batch_size", "grad_accumulation", "pad_to_multiple_of"):
             need(getattr(self, key) >= 1, key, "at least 1")
         for key in ("max_steps", "cca_batch_size", "num_workers", "checkpoint_every", "eval_max_batches",
-                    "bucket_pool"):
+                    "bucket_pool", "threads"):
             need(getattr(self, key) >= 0, key, "0 or more")
         need(self.log_every >= 1, "log_every", "at least 1")
         need(self.max_length >= 8, "max_length", "at least 8")
@@ -471,6 +473,14 @@ class LOTCRSPretrainSystem(BaseSystem):
     # -- the loops
 
     def fit(self) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(training_threads(self.cfg.threads))
+        try:
+            self._fit()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self) -> None:
         dist = self.dist
         dist.check_accumulation(self.cfg.grad_accumulation, f"{BLOCK}.grad_accumulation")
         with dist.main_first():  # process 0 simulates the dialogs (a cache), the others read them
@@ -507,7 +517,8 @@ class LOTCRSPretrainSystem(BaseSystem):
             return
         stops = f" (stops at max_steps {self.last_step})" if self.last_step < self.total_steps else ""
         logger.info(f"[pretrain] {self.run_name}: {self.steps_per_epoch()} steps per epoch, {cfg.epochs} epochs{stops}, "
-                    f"effective batch {cfg.batch_size * acc}{processes}, device {self.device}, bf16 autocast {self.autocast}")
+                    f"effective batch {cfg.batch_size * acc}{processes}, device {self.device}, bf16 autocast {self.autocast}, "
+                    f"{torch.get_num_threads()} threads")
         while self.epoch < cfg.epochs:
             sampler = self.sampler("train", self.epoch, start=self.batch_in_epoch)
             n_batches, start = sampler.n_batches, sampler.start
