@@ -119,7 +119,8 @@ class FinetuneConfig:
     teacher_max_samples (0: all): training of the label-smoothness teacher (teacher_epochs 0 uses the
     pre-trained model as it is). max_train_batches: batches per epoch (0: all; for quick checks). pad_to_multiple_of:
     dynamic padding granularity. bucket_pool: length-bucketed training batches, pools of this many
-    batches sorted by length, the batches then shuffled (0 or 1: off; lotcrs_plugin.data.length_buckets).
+    batches sorted by length, the batches then shuffled (0 or 1: off, the order of earlier versions;
+    lotcrs_plugin.data.length_buckets).
     num_workers: DataLoader processes. bf16: autocast where the device runs it fast (CUDA; a CPU with
     AVX512_BF16 or AMX: lotcrs_plugin.hardware), fp32 elsewhere.
     resume: continue from the run's checkpoint. run_name: folder under <root>/save. log_every:
@@ -151,7 +152,7 @@ class FinetuneConfig:
     teacher_max_samples: int = 0
     max_train_batches: int = 0
     pad_to_multiple_of: int = 8
-    bucket_pool: int = 0
+    bucket_pool: int = 20  # 1.10x fine-tuning samples/s on INSPIRED (benchmarks/results/speed_cpu.md)
     num_workers: int = 0
     bf16: bool = True
     resume: bool = False
