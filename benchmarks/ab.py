@@ -214,7 +214,8 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         out[side] = {"setting": value, "seconds": t["seconds"], "samples": t["samples"],
                      "samples_s": t["samples"] / t["seconds"], "tokens": t["tokens"],
                      "padding_share": 1 - t["real_tokens"] / t["tokens"],
-                     "epoch_positions": positions[side][0], "epoch_padding_share": 1 - positions[side][1] / positions[side][0]}
+                     "epoch_positions": positions[side][0],
+                     "epoch_padding_share": 1 - positions[side][1] / positions[side][0]}
     from lotcrs_plugin.hardware import cpu_info
 
     omp = os.environ.get("OMP_NUM_THREADS")

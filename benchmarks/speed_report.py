@@ -50,7 +50,8 @@ def ab_table(entries: list[dict]) -> list[str]:
              "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- |"]
     for e in sorted(entries, key=lambda e: (e["stage"], e["what"], e.get("dataset", ""), e.get("arch") or "")):
         a, b = e["A"], e["B"]
-        lines.append(f"| {e['stage']} | {WHAT.get(e['what'], e['what'])} | {e.get('dataset')}, {e.get('arch') or '-'} | "
+        lines.append(f"| {e['stage']} | {WHAT.get(e['what'], e['what'])} | {e.get('dataset')}, "
+                     f"{e.get('arch') or '-'} | "
                      f"{a['setting']} | {b['setting']} | "
                      f"{a['samples_s']:.2f} | {b['samples_s']:.2f} | {e['ratio']:.2f}x | "
                      f"{_padding(a)} -> {_padding(b)} | {e['steps']} | "

@@ -126,7 +126,8 @@ class FinetuneConfig:
     resume: continue from the run's checkpoint. run_name: folder under <root>/save. log_every:
     optimizer steps between log lines. seed: -1 uses the top-level seed. threads: torch's intra-op
     CPU threads while fit() runs (0: torch's default, the physical cores or OMP_NUM_THREADS, cut to
-    the cores the load average leaves free: lotcrs_plugin.hardware.training_threads). ranker: model (LOT-CRS) | popularity |
+    the cores the load average leaves free: lotcrs_plugin.hardware.training_threads).
+    ranker: model (LOT-CRS) | popularity |
     repeat_popularity: training-free baselines on the same samples and evaluator (nothing is
     trained; lotcrs_plugin.model.sample_rankers).
     """
