@@ -59,7 +59,7 @@ from typing import Any, Iterable, Mapping
 from lotcrs_plugin import compat
 from lotcrs_plugin.config_block import typed_values
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.hardware import bf16_autocast_pays, cpu_info
+from lotcrs_plugin.hardware import bf16_autocast_pays, cpu_info, training_threads
 
 compat.apply()  # crslab is imported only through the patches
 
@@ -120,12 +120,16 @@ class FinetuneConfig:
     else the backbone's default: the space CCA shaped). teacher_epochs, teacher_lr,
     teacher_max_samples (0: all): training of the label-smoothness teacher (teacher_epochs 0 uses the
     pre-trained model as it is). max_train_batches: batches per epoch (0: all; for quick checks). pad_to_multiple_of:
-    dynamic padding granularity. num_workers: DataLoader processes. bf16: autocast where the device runs it fast (CUDA; a CPU with
+    dynamic padding granularity. bucket_pool: length-bucketed training batches, pools of this many
+    batches sorted by length, the batches then shuffled (0 or 1: off, the order of earlier versions;
+    lotcrs_plugin.data.length_buckets).
+    num_workers: DataLoader processes. bf16: autocast where the device runs it fast (CUDA; a CPU with
     AVX512_BF16 or AMX: lotcrs_plugin.hardware), fp32 elsewhere.
     resume: continue from the run's checkpoint. run_name: folder under <root>/save. log_every:
     optimizer steps between log lines. seed: -1 uses the top-level seed. threads: torch's intra-op
-    CPU threads while fit() runs (0: leave torch's setting; 1 suits tiny models and busy machines,
-    where OpenMP threads stall each other). ranker: model (LOT-CRS) | popularity |
+    CPU threads while fit() runs (0: torch's default, the physical cores or OMP_NUM_THREADS, cut to
+    the cores the load average leaves free: lotcrs_plugin.hardware.training_threads).
+    ranker: model (LOT-CRS) | popularity |
     repeat_popularity: training-free baselines on the same samples and evaluator (nothing is
     trained; lotcrs_plugin.model.sample_rankers).
     """
@@ -151,6 +155,9 @@ class FinetuneConfig:
     teacher_max_samples: int = 0
     max_train_batches: int = 0
     pad_to_multiple_of: int = 8
+    # 1.10x fine-tuning samples/s on INSPIRED (benchmarks/results/speed_cpu.md); off until a validation
+    # run shows the same quality with it (the result tables ran with 0)
+    bucket_pool: int = 0
     num_workers: int = 0
     bf16: bool = True
     resume: bool = False
@@ -180,7 +187,7 @@ class FinetuneConfig:
                     "log_every", "eval_chunk_elements"):
             need(getattr(self, key) >= 1, key, "at least 1")
         for key in ("impatience", "teacher_epochs", "teacher_max_samples", "max_train_batches", "num_workers",
-                    "threads"):
+                    "bucket_pool", "threads"):
             need(getattr(self, key) >= 0, key, "0 or more")
         need(self.max_length >= 16, "max_length", "at least 16")
         need(self.lr > 0, "lr", "positive")
@@ -349,8 +356,8 @@ class LOTCRSSystem(BaseSystem):
                 limit: int = 0, micro: list[distributed.MicroBatch] | None = None) -> torch.utils.data.DataLoader:
         """micro: only the batches at these positions (this process's share, distributed.plan)."""
         size = batch_size or (self.cfg.batch_size if train else self.cfg.eval_batch_size)
-        order = IndexBatches(len(data), size, seed=self.seed, epoch=epoch, shuffle=train,
-                             lengths=None if train else data.lengths(), limit=limit)
+        order = IndexBatches(len(data), size, seed=self.seed, epoch=epoch, shuffle=train, lengths=data.lengths(),
+                             limit=limit, bucket_pool=self.cfg.bucket_pool if train else 0)
         if micro is not None:
             order = self.dist.shard(order, micro)
         return loader(data, order, num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
@@ -795,7 +802,10 @@ class LOTCRSSystem(BaseSystem):
         dist = self.dist
         micro = dist.plan(self.train_batches(), 0, cfg.grad_accumulation)  # this process's share (all in one)
         batches = self.batches(train, train=True, epoch=self.epoch, limit=cfg.max_train_batches, micro=micro)
-        for mb, batch in zip(micro, batches):
+        from tqdm.auto import tqdm  # the bar's total: the micro-batches this epoch really runs
+
+        for mb, batch in tqdm(zip(micro, batches), total=len(micro), desc=f"fine-tune epoch {self.epoch}",
+                              unit="batch", leave=False, dynamic_ncols=True, disable=not dist.is_main):
             with dist.sync(self.ddp, mb.last):
                 parts = self.step(batch, "rec", "train", scale=mb.scale)
             if mb.scale:  # a stand-in (scale 0) is not a sample
@@ -925,8 +935,7 @@ class LOTCRSSystem(BaseSystem):
 
     def fit(self) -> None:
         threads = torch.get_num_threads()
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
+        torch.set_num_threads(training_threads(self.cfg.threads))  # 0: the free cores (lotcrs_plugin.hardware)
         try:
             self._fit()
         finally:

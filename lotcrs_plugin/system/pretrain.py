@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping
 from lotcrs_plugin import compat
 from lotcrs_plugin.config_block import typed_values
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.hardware import bf16_autocast_pays
+from lotcrs_plugin.hardware import bf16_autocast_pays, training_threads
 
 compat.apply()  # crslab is imported only through the patches
 
@@ -89,11 +89,14 @@ class PretrainConfig:
     mean | first_last ('' = the backbone's default); projection: SimCSE MLP while training,
     true | false | auto (the backbone's default: on for bert). max_length: tokens per input,
     cut from the left. prompt: appended to CCA contexts. dmp_samples: prefixes | dialogs.
-    pad_to_multiple_of: dynamic padding granularity. num_workers: DataLoader processes. bf16:
+    pad_to_multiple_of: dynamic padding granularity. bucket_pool: length-bucketed batches, pools of
+    this many batches sorted by length, the batches then shuffled (0 or 1: off, the order of earlier versions;
+    lotcrs_plugin.data.length_buckets). num_workers: DataLoader processes. bf16:
     autocast where the device runs it fast (CUDA; a CPU with AVX512_BF16 or AMX), fp32 elsewhere. checkpoint_every: steps between checkpoints (0: epoch ends
     only). resume: continue from the run's checkpoint. run_name: folder under <root>/save.
     tensorboard: scalars under <root>/runs/<run name>. log_every: steps between log lines.
-    eval_max_batches: validation/test batches (0: all). seed: -1 uses the top-level seed.
+    eval_max_batches: validation/test batches (0: all). seed: -1 uses the top-level seed. threads:
+    torch's CPU threads while fit() runs (0: the free cores, lotcrs_plugin.hardware.training_threads).
     """
 
     data: str = "simulated"
@@ -117,6 +120,9 @@ class PretrainConfig:
     prompt: str = DEFAULT_PROMPT
     dmp_samples: str = "prefixes"
     pad_to_multiple_of: int = 8
+    # 1.48x pre-training samples/s on INSPIRED (benchmarks/results/speed_cpu.md); off until a validation
+    # run shows the same quality with it (the result tables ran with 0)
+    bucket_pool: int = 0
     num_workers: int = 0
     bf16: bool = True
     checkpoint_every: int = 500
@@ -126,6 +132,7 @@ class PretrainConfig:
     log_every: int = 50
     eval_max_batches: int = 100
     seed: int = -1
+    threads: int = 0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "PretrainConfig":
@@ -147,7 +154,8 @@ class PretrainConfig:
         need(self.dmp_samples in DMP_MODES, "dmp_samples", " or ".join(DMP_MODES))
         for key in ("epochs", "batch_size", "grad_accumulation", "pad_to_multiple_of"):
             need(getattr(self, key) >= 1, key, "at least 1")
-        for key in ("max_steps", "cca_batch_size", "num_workers", "checkpoint_every", "eval_max_batches"):
+        for key in ("max_steps", "cca_batch_size", "num_workers", "checkpoint_every", "eval_max_batches",
+                    "bucket_pool", "threads"):
             need(getattr(self, key) >= 0, key, "0 or more")
         need(self.log_every >= 1, "log_every", "at least 1")
         need(self.max_length >= 8, "max_length", "at least 8")
@@ -333,9 +341,13 @@ class LOTCRSPretrainSystem(BaseSystem):
 
     def sampler(self, split: str, epoch: int, start: int = 0, shuffle: bool = True) -> PretrainBatchSampler:
         d = self.data(split)
+        pool = self.cfg.bucket_pool if shuffle else 0
+        lengths = ({"dmp_lengths": d.dmp_lengths(), "cca_lengths": d.cca_lengths() if d.cca is not None else None}
+                   if pool > 1 else {})
         return PretrainBatchSampler(len(d.dmp), d.cca, self.cfg.batch_size, self.cfg.pairs_per_batch,
                                     seed=self.seed, epoch=epoch, start=start, use_dmp=self.use_dmp,
-                                    use_cca=self.use_cca, shuffle=shuffle)
+                                    use_cca=self.use_cca, shuffle=shuffle, bucket_pool=pool,
+                                    **lengths)
 
     def loader(self, split: str, sampler: PretrainBatchSampler) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers
@@ -369,6 +381,11 @@ class LOTCRSPretrainSystem(BaseSystem):
 
     def steps_per_epoch(self) -> int:
         return math.ceil(self.sampler("train", 0).n_batches / self.cfg.grad_accumulation)
+
+    @property
+    def last_step(self) -> int:
+        """The optimizer step training stops at: max_steps when it cuts the epochs short."""
+        return min(self.total_steps, self.cfg.max_steps) if self.cfg.max_steps else self.total_steps
 
     def build_optim(self) -> None:
         cfg = self.cfg
@@ -458,6 +475,14 @@ class LOTCRSPretrainSystem(BaseSystem):
     # -- the loops
 
     def fit(self) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(training_threads(self.cfg.threads))
+        try:
+            self._fit()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self) -> None:
         dist = self.dist
         dist.check_accumulation(self.cfg.grad_accumulation, f"{BLOCK}.grad_accumulation")
         with dist.main_first():  # process 0 simulates the dialogs (a cache), the others read them
@@ -492,8 +517,10 @@ class LOTCRSPretrainSystem(BaseSystem):
         if cfg.max_steps and self.global_step >= cfg.max_steps:  # a finished run, resumed: not one step more
             logger.info(f"[pretrain] {self.run_name}: already at max_steps {cfg.max_steps}; nothing to train")
             return
-        logger.info(f"[pretrain] {self.run_name}: {self.steps_per_epoch()} steps per epoch, {cfg.epochs} epochs, "
-                    f"effective batch {cfg.batch_size * acc}{processes}, device {self.device}, bf16 autocast {self.autocast}")
+        stops = f" (stops at max_steps {self.last_step})" if self.last_step < self.total_steps else ""
+        logger.info(f"[pretrain] {self.run_name}: {self.steps_per_epoch()} steps per epoch, {cfg.epochs} epochs"
+                    f"{stops}, effective batch {cfg.batch_size * acc}{processes}, device {self.device}, bf16 autocast "
+                    f"{self.autocast}, {torch.get_num_threads()} threads")
         while self.epoch < cfg.epochs:
             sampler = self.sampler("train", self.epoch, start=self.batch_in_epoch)
             n_batches, start = sampler.n_batches, sampler.start
@@ -501,8 +528,10 @@ class LOTCRSPretrainSystem(BaseSystem):
             self.model.train()
             sums: dict[str, torch.Tensor] = {}
             n_sum = 0
-            bar = tqdm(total=n_batches, initial=start, desc=f"pretrain epoch {self.epoch}", dynamic_ncols=True,
-                       leave=False, disable=not dist.is_main)
+            # the bar's total is where this epoch really ends (max_steps may stop it early), so its ETA is true
+            end = epoch_end(n_batches, start, acc, self.last_step - self.global_step)
+            bar = tqdm(total=end, initial=start, desc=f"pretrain epoch {self.epoch}", unit="batch",
+                       dynamic_ncols=True, leave=False, disable=not dist.is_main)
             stopped = False
             for mb, batch in zip(micro, self.loader("train", dist.shard(sampler, micro))):
                 with dist.sync(self.ddp, mb.last):
@@ -543,7 +572,7 @@ class LOTCRSPretrainSystem(BaseSystem):
         lr = self.scheduler.get_last_lr()[0]
         text = ", ".join(f"{k} {v:.4f}" for k, v in sorted(self.last.items()))
         bar.set_postfix_str(text)
-        logger.info(f"[pretrain] step {self.global_step}/{self.total_steps} lr {lr:.2e}: {text}")
+        logger.info(f"[pretrain] step {self.global_step}/{self.last_step} lr {lr:.2e}: {text}")
         if writer is not None:
             for k, v in self.last.items():
                 writer.add_scalar(f"train/{k}", v, self.global_step)
@@ -582,6 +611,13 @@ class LOTCRSPretrainSystem(BaseSystem):
 
     def interact(self) -> None:
         raise UserError("the pre-training system does not converse; fine-tune the backbone first")
+
+
+def epoch_end(n_batches: int, start: int, accumulation: int, steps_left: int) -> int:
+    """The micro-batch position where an epoch of ``n_batches`` that resumes at ``start`` ends
+    when at most ``steps_left`` optimizer steps remain (steps hold ``accumulation`` micro-batches
+    from position 0 on, as distributed.plan groups them; the epoch's last may be short)."""
+    return min(n_batches, (start // accumulation + max(0, steps_left)) * accumulation)
 
 
 def build_data(backbone: Any, dialogs: Iterable[dict], items: ItemVocab, entity2id: Mapping[str, int],
