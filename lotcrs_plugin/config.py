@@ -71,6 +71,8 @@ CONFIG_BLOCKS: dict[str, str] = {
     "simulation": "lotcrs_plugin.data.simulator:SimulationConfig",
     "retrieval": "lotcrs_plugin.model.retrieval:RetrievalConfig",
     "smoothing": "lotcrs_plugin.model.smoothing:SmoothingConfig",
+    "head": "lotcrs_plugin.model.heads:HeadConfig",
+    "evidence": "lotcrs_plugin.model.evidence:EvidenceConfig",
     "lotcrs_pretrain": "lotcrs_plugin.system.pretrain:PretrainConfig",
     "lotcrs": "lotcrs_plugin.system.lotcrs:FinetuneConfig",
     "selection": "lotcrs_plugin.system.selection:SelectionConfig",

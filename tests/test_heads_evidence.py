@@ -80,7 +80,7 @@ def test_verbaliser_is_the_backbones_item_logits_at_the_mask(backbone):
 
 
 def test_dot_head_starts_as_the_mean_state_against_the_item_token_embeddings(backbone):
-    head = build_head(backbone, HeadConfig(type="dot"))  # tie: true, read: mean
+    head = build_head(backbone, HeadConfig(type="dot", tie=True))  # read: mean
     batch = _batch(backbone)
     with torch.no_grad():
         hidden = backbone.encode(batch)

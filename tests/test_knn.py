@@ -73,11 +73,11 @@ def test_a_heavy_vote_puts_the_nearest_simulated_items_first(plugin, backbone_pa
     model.eval()
     batch = next(iter(system.batches(system.data("test"), train=False, batch_size=8)))
     with torch.no_grad():
-        plain = model.rank_items(batch.tokens, batch.targets, 10, 1 << 20)
+        plain = model.rank_items(batch.tokens, batch.targets, 10, 1 << 20, evidence=batch.evidence)
         ids, votes = voter.votes(batch.tokens)
         assert ((votes.sum(1) - 1).abs() < 1e-4).all() and (ids[:, 0] >= 0).all()
         voter.weight = 50.0
-        steered = model.rank_items(batch.tokens, batch.targets, 10, 1 << 20)
+        steered = model.rank_items(batch.tokens, batch.targets, 10, 1 << 20, evidence=batch.evidence)
     # a heavy vote: every row's first item is one the neighbours voted for, which the plain
     # ranking did not put first everywhere
     first = steered.top_ids[:, 0]
@@ -85,7 +85,7 @@ def test_a_heavy_vote_puts_the_nearest_simulated_items_first(plugin, backbone_pa
     assert not (ids == plain.top_ids[:, :1]).any(1).all()
     voter.weight = 0.0
     with torch.no_grad():
-        off = model.rank_items(batch.tokens, batch.targets, 10, 1 << 20)
+        off = model.rank_items(batch.tokens, batch.targets, 10, 1 << 20, evidence=batch.evidence)
     assert torch.equal(off.top_ids, plain.top_ids) and torch.equal(off.target_rank, plain.target_rank)
     # the keys are the frozen encoder's: fine-tuning the model does not move them
     with torch.no_grad():

@@ -78,9 +78,17 @@ def backbone_paths(tmp_path_factory) -> dict[str, str]:
                 "unicrs": str(tiny_unicrs(root / "unicrs"))}
 
 
-def tiny_opt(backbone: str, path: str, **lotcrs) -> dict:
-    """The demo config shrunk to seconds: 2 pre-training steps, one short fine-tuning epoch."""
+# the paper's scoring path: the verbaliser at the mask, no evidence term (tests of fusion and ranking
+# written against Backbone.item_logits use it; the pipeline tests run the defaults)
+PAPER_HEAD = {"head": {"type": "verbaliser"},
+              "evidence": {"items": False, "attributes": False, "item_attributes": False}}
+
+
+def tiny_opt(backbone: str, path: str, blocks: dict | None = None, **lotcrs) -> dict:
+    """The demo config shrunk to seconds: 2 pre-training steps, one short fine-tuning epoch;
+    ``blocks``: top-level blocks set as given (e.g. PAPER_HEAD)."""
     opt = yaml.safe_load(DEMO.read_text())
+    opt.update(blocks or {})
     opt["synthetic"] = dict(SMALL)
     opt["simulation"] = {"per_item": 2}
     opt["backbone"], opt["backbone_path"] = backbone, path
@@ -191,7 +199,7 @@ def _system(opt: dict):
 
 @pytest.fixture
 def bert_system(plugin, backbone_paths):
-    system = _system(tiny_opt("bert", backbone_paths["bert"], pretrain=False))
+    system = _system(tiny_opt("bert", backbone_paths["bert"], PAPER_HEAD, pretrain=False))
     torch.manual_seed(0)
     return system
 
@@ -206,19 +214,19 @@ def test_fusion_moves_the_scores_towards_the_retrieved_values(bert_system):
         out = model(batch.tokens)
         assert out.retrieved is not None and out.retrieved.values.shape == (8, 4, model.backbone.hidden_size)
         # the scores are the verbaliser on LayerNorm(h + w * attention) at the mask
-        attended, weights = model.fusion.attend(out.mask_states[:, None], out.retrieved.values, out.retrieved.mask)
-        fused = model.fusion.layer_norm(out.mask_states[:, None] + model.fusion.weight * attended)[:, 0]
+        attended, weights = model.fusion.attend(out.states[:, None], out.retrieved.values, out.retrieved.mask)
+        fused = model.fusion.layer_norm(out.states[:, None] + model.fusion.weight * attended)[:, 0]
         torch.testing.assert_close(out.logits, model.backbone.item_logits(fused))
         assert torch.allclose(weights.sum(-1), torch.ones(8, 1))
         model.store = None
         plain = model(batch.tokens).logits
         assert not torch.allclose(plain, out.logits)
-        assert torch.equal(plain, model.backbone.item_logits(out.mask_states))
+        assert torch.equal(plain, model.backbone.item_logits(out.states))
         # with a large weight, retrieving one value v makes the prediction that of v
         v = torch.from_numpy(store.values[0])
         steer = model.backbone.item_logits(model.fusion.layer_norm(v)[None]).argmax(-1)
         model.fusion.weight = 1e4
-        steered = model.fusion(out.mask_states[:, None], v.expand(8, 1, -1))[:, 0]
+        steered = model.fusion(out.states[:, None], v.expand(8, 1, -1))[:, 0]
         assert (model.backbone.item_logits(steered).argmax(-1) == steer).all()
         assert (plain.argmax(-1) != steer).any()
         # the query is the store's key space: pooled from encode() equals the backbone's own pooling

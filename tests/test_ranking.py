@@ -113,21 +113,24 @@ def test_eval_chunk_elements_key():
         FinetuneConfig.from_dict({"eval_chunk_elements": "big"})
 
 
-def test_system_evaluation_ranks_in_chunks_as_the_dense_verbaliser(plugin, backbone_paths):
+@pytest.mark.parametrize("paper", [True, False], ids=["verbaliser", "defaults"])
+def test_system_evaluation_ranks_in_chunks_as_the_dense_scores(plugin, backbone_paths, paper):
     """LOTCRSModel.rank_items (retrieval on) gives forward()'s top lists and cross-entropy, and
-    the system's evaluation with a small eval_chunk_elements reports the same as with one chunk."""
+    the system's evaluation with a small eval_chunk_elements reports the same as with one chunk:
+    for the paper's verbaliser and for the default head with the evidence term."""
     import numpy as np
 
-    from test_lotcrs import _system, tiny_opt
+    from test_lotcrs import PAPER_HEAD, _system, tiny_opt
 
-    system = _system(tiny_opt("bert", backbone_paths["bert"], pretrain=False, eval_chunk_elements=64 * 7))
+    system = _system(tiny_opt("bert", backbone_paths["bert"], PAPER_HEAD if paper else None, pretrain=False,
+                              eval_chunk_elements=64 * 7))
     model = system.model
     system.build_store()
     model.eval()
     batch = next(iter(system.batches(system.data("test"), train=False)))
     with torch.no_grad():
-        logits = model(batch.tokens).logits
-        r = model.rank_items(batch.tokens, batch.targets, 50, 64 * 7)
+        logits = model(batch.tokens, evidence=batch.evidence).logits.float()
+        r = model.rank_items(batch.tokens, batch.targets, 50, 64 * 7, evidence=batch.evidence)
     top, ranks = dense_reference(logits, batch.targets, 50)
     assert torch.equal(r.top_ids, top) and torch.equal(r.target_rank, ranks)
     torch.testing.assert_close(r.cross_entropy(), F.cross_entropy(logits, batch.targets, reduction="sum"))

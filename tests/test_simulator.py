@@ -471,3 +471,8 @@ def test_real_redial_catalog_is_balanced_and_mined_cleanly(tmp_path):
     assert stats["conversations"] == 6924 and stats["gini_target_frequency"] == 0.0
     assert stats["items_never_mentioned_in_train"] > 4000
     assert stats["mined_template_share"]["turns"] > 0.3
+    # no turn names a genre ("scary", "funny" too), person or title outside its thread
+    from lotcrs_plugin.data.simulator.consistency import ThreadChecker
+
+    check = ThreadChecker(c).check_folder(out)
+    assert check["turns"] == stats["turns"] and check["contradicting_turns"] == 0, check["examples"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -166,6 +166,16 @@ class ItemAttributes:
             rels.append(np.full(len(pairs), r, np.int64))
         cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64))
         return cls(relations, cat(rows), cat(cols), cat(rels), len(item_entity_ids), int(n_entity))
+
+    @classmethod
+    def from_side_data(cls, side_data: Mapping[str, Any] | None, item_entity_ids: Sequence[int],
+                       n_entity: int) -> "ItemAttributes":
+        """From CRSLab's ``side_data['entity_kg']`` (``edge`` rows (head, tail, relation id); the
+        names from its ``relation2id``, else ``relation_<id>``)."""
+        kg = (side_data or {}).get("entity_kg") or {}
+        names = {int(i): str(r) for r, i in (kg.get("relation2id") or {}).items()}
+        triples = [(h, names.get(int(r), f"relation_{int(r)}"), t) for h, t, r in kg.get("edge", ())]
+        return cls.from_triples(triples, item_entity_ids, n_entity)
 
     @classmethod
     def from_folder(cls, folder: str | Path, item_entity_ids: Sequence[int]) -> "ItemAttributes":

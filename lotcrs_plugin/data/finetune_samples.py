@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from lotcrs_plugin.data.context_evidence import EvidenceBatch, EvidenceBuilder
 from lotcrs_plugin.data.pretrain_samples import TurnTable, cca_index, collate
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones.base import InputFormat, TokenBatch
@@ -122,21 +123,25 @@ def per_item_rows(targets: np.ndarray, max_per_item: int | None, seed: int | Non
 class FinetuneBatch:
     """tokens: the formatted contexts (prompt and mask included); targets: (B,) catalog index;
     sample_idx: (B,) the samples' indices in their :class:`RecIndex` (the teacher's scores are
-    looked up by it); mentioned: (B,) bool, the target is named in the context."""
+    looked up by it); mentioned: (B,) bool, the target is named in the context; evidence: what
+    the whole context names (items, attributes) for the model's evidence term, None when off."""
 
     tokens: TokenBatch
     targets: torch.Tensor
     sample_idx: torch.Tensor
     mentioned: torch.Tensor
+    evidence: EvidenceBatch | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "FinetuneBatch":
         return FinetuneBatch(self.tokens.to(device, non_blocking), self.targets.to(device, non_blocking=non_blocking),
                              self.sample_idx.to(device, non_blocking=non_blocking),
-                             self.mentioned.to(device, non_blocking=non_blocking))
+                             self.mentioned.to(device, non_blocking=non_blocking),
+                             None if self.evidence is None else self.evidence.to(device, non_blocking))
 
     def pin_memory(self) -> "FinetuneBatch":
         return FinetuneBatch(self.tokens.pin_memory(), self.targets.pin_memory(), self.sample_idx.pin_memory(),
-                             self.mentioned.pin_memory())
+                             self.mentioned.pin_memory(),
+                             None if self.evidence is None else self.evidence.pin_memory())
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -144,15 +149,22 @@ class FinetuneBatch:
 
 class RecData(torch.utils.data.Dataset):
     """Whole batches of recommendation samples, built from index arrays (use with
-    :class:`IndexBatches` as batch_sampler and :func:`first` as collate_fn)."""
+    :class:`IndexBatches` as batch_sampler and :func:`first` as collate_fn). ``evidence``: builds
+    each batch's :class:`EvidenceBatch` from the same table (None: batches carry none)."""
 
     def __init__(self, table: TurnTable, fmt: InputFormat, first_item_id: int, index: RecIndex,
-                 pad_to_multiple_of: int = 8):
+                 pad_to_multiple_of: int = 8, evidence: EvidenceBuilder | None = None):
         self.table = table
         self.fmt = fmt
         self.first_item_id = int(first_item_id)
         self.index = index
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.evidence = evidence
+
+    def subset(self, rows: np.ndarray) -> "RecData":
+        """The samples ``rows`` (renumbered from 0), with the same table, format and evidence."""
+        return RecData(self.table, self.fmt, self.first_item_id, self.index.subset(rows), self.pad_to_multiple_of,
+                       self.evidence)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -182,8 +194,12 @@ class RecData(torch.utils.data.Dataset):
         rows = np.asarray(rows, dtype=np.int64)
         tokens = collate([self.row(int(i)) for i in rows], self.fmt.pad_id, self.pad_to_multiple_of,
                          self.fmt.max_length)
-        return FinetuneBatch(tokens, torch.from_numpy(self.index.targets[rows].copy()), torch.from_numpy(rows.copy()),
-                             torch.from_numpy(self.index.mentioned[rows].copy()))
+        targets = self.index.targets[rows]
+        evidence = None
+        if self.evidence is not None:  # a simulated sample's masked target is no evidence for itself
+            evidence = self.evidence.batch(self.index.contexts[rows], targets if self.index.mask_target else None)
+        return FinetuneBatch(tokens, torch.from_numpy(targets.copy()), torch.from_numpy(rows.copy()),
+                             torch.from_numpy(self.index.mentioned[rows].copy()), evidence)
 
 
 def first(batch: list[FinetuneBatch]) -> FinetuneBatch:

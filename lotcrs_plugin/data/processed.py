@@ -516,6 +516,7 @@ class ProcessedDataset(BaseDataset):
         return {
             "edge": [tuple(e) for e in edges.tolist()],
             "n_relation": len(relation2id),
+            "relation2id": dict(relation2id),
             "entity": sorted(self.id2entity[i] for i in nodes.tolist()),
         }
 

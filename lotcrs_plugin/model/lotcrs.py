@@ -1,17 +1,18 @@
-"""The LOT-CRS fine-tuning model (CRSLab model ``LOTCRS``): backbone + retrieval fusion + verbaliser.
+"""The LOT-CRS fine-tuning model (CRSLab model ``LOTCRS``): backbone + retrieval fusion + item head
++ evidence term.
 
 For a batch of contexts ending in the prompt (``... you should watch [MASK]``):
 
 1. the backbone gives every position's state h (``Backbone.encode``);
-2. with retrieval on and a memory store attached (:attr:`LOTCRSModel.store`), the context's
+2. the item head (``head:`` block, lotcrs_plugin.model.heads) reads one state per context: the
+   prompt's mask (the paper's verbaliser), the mean over the context, or the first position;
+3. with retrieval on and a memory store attached (:attr:`LOTCRSModel.store`), the context's
    representation (the store's key space: ``Backbone.context_representation`` with the configured
-   pooling) retrieves the k nearest simulated contexts, whose values are hidden states at their
-   mask; :class:`~lotcrs_plugin.model.fusion.RetrievalFusion` gives LayerNorm(h + w * attention);
-3. the verbaliser scores the items from the (fused) state at the mask: the item-token rows of the
-   prediction head (``Backbone.item_logits``).
-
-Fusion attends from each token to the k values independently, and only the mask position is read
-by the verbaliser, so only that position is fused (the result is the same as fusing every token).
+   pooling) retrieves the k nearest simulated contexts, whose values are the same read of their
+   states; :class:`~lotcrs_plugin.model.fusion.RetrievalFusion` gives LayerNorm(s + w * attention);
+4. the head scores the items from the (fused) state, and the evidence term (``evidence:`` block,
+   lotcrs_plugin.model.evidence) adds what the whole dialog names: a learned copy term for its
+   items and learned matches of its attributes, zero at initialisation.
 
 The store is not a module: the system builds it (keys and values from
 :meth:`LOTCRSModel.store_entries`), attaches it, and saves it next to the model.
@@ -35,14 +36,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from loguru import logger
 from torch import nn
 
+from lotcrs_plugin.data.context_evidence import EvidenceBatch, ItemAttributes
 from lotcrs_plugin.data.pretrain_samples import ItemVocab
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.evaluator.ranking import Ranking, rank_dense, rank_linear
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, build_backbone
+from lotcrs_plugin.model.evidence import EvidenceConfig, EvidenceTerm
 from lotcrs_plugin.model.fusion import RetrievalFusion
+from lotcrs_plugin.model.heads import HeadConfig, ItemHead, build_head
 from lotcrs_plugin.model.knn import KnnVoter, knn_bonus
 from lotcrs_plugin.model.sample_rankers import SampleRanker, train_popularity
 from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig, RetrievalResult
@@ -154,12 +159,12 @@ class ScoreParts:
 @dataclass
 class ModelOutput:
     """logits: (B, N) item scores. query: (B, H) the context representation (None when retrieval
-    is off). mask_states: (B, H) the backbone's state at the mask, before fusion. retrieved: the
-    memory store's neighbours (None when retrieval is off)."""
+    is off). states: (B, H) the state the head reads, before fusion. retrieved: the memory store's
+    neighbours (None when retrieval is off)."""
 
     logits: torch.Tensor
     query: torch.Tensor | None
-    mask_states: torch.Tensor
+    states: torch.Tensor
     retrieved: RetrievalResult | None
 
 
@@ -184,7 +189,8 @@ class LOTCRSModel(nn.Module):
     """Built by CRSLab as ``LOTCRSModel(opt, device, vocab, side_data)`` (see the module docstring).
 
     Reads ``backbone``, ``backbone_path``, the ``lotcrs:`` block (``retrieval``, ``prompt``,
-    ``pooling``) and the ``retrieval:`` block (fusion weight and dropout).
+    ``pooling``), the ``retrieval:`` block (fusion weight and dropout), the ``head:`` and the
+    ``evidence:`` blocks.
     """
 
     def __init__(self, opt: Any, device: Any, vocab: Mapping[str, Any], side_data: Mapping[str, Any]):
@@ -193,6 +199,8 @@ class LOTCRSModel(nn.Module):
 
         self.cfg = cfg = FinetuneConfig.from_dict(opt.get(BLOCK, None))
         self.retrieval_cfg = RetrievalConfig.from_dict(opt.get("retrieval", None))
+        self.head_cfg = HeadConfig.from_dict(opt.get("head", None))
+        self.evidence_cfg = EvidenceConfig.from_dict(opt.get("evidence", None))
         name = opt.get("backbone", None)
         path = opt.get("backbone_path", None)
         if not name:
@@ -206,6 +214,13 @@ class LOTCRSModel(nn.Module):
         self.backbone_path = resolve_backbone_path(name, path, vocab)
         self.backbone = self._prepare(build_backbone(name, self.backbone_path, kg=self.kg, prompt=cfg.prompt))
         hidden = self.backbone.hidden_size
+        self.head: ItemHead = build_head(self.backbone, self.head_cfg)
+        self.evidence: EvidenceTerm | None = None
+        if self.evidence_cfg.enabled:
+            cfg_e = self.evidence_cfg
+            attributes = (ItemAttributes.from_side_data(side_data, self.items.entity_ids, vocab["n_entity"])
+                          if cfg_e.attributes or cfg_e.item_attributes else None)
+            self.evidence = EvidenceTerm(cfg_e, len(self.items), hidden, attributes)
         self.fusion = (RetrievalFusion(hidden, self.retrieval_cfg.fusion_weight, self.retrieval_cfg.dropout)
                        if cfg.retrieval else None)
         # keys and queries live in the space CCA pre-training shaped: its pooling unless set here
@@ -243,6 +258,18 @@ class LOTCRSModel(nn.Module):
                             f"{self.backbone.hidden_size})")
         device = next(self.backbone.parameters()).device
         self.backbone = backbone.to(device)
+        # a fresh head over the new backbone: a dot head's items start from ITS item embeddings
+        self.head = build_head(self.backbone, self.head_cfg).to(device)
+
+    def parameter_rates(self) -> dict[int, float]:
+        """id(parameter) -> learning rate, for the parameters that do not train at lotcrs.lr: the
+        head's own (head.lr, when set) and the evidence term's (evidence.lr)."""
+        rates: dict[int, float] = {}
+        if self.head_cfg.lr > 0:
+            rates.update((id(p), self.head_cfg.lr) for p in self.head.own_parameters())
+        if self.evidence is not None:
+            rates.update((id(p), self.evidence_cfg.lr) for p in self.evidence.parameters())
+        return rates
 
     @property
     def pooling(self) -> str:
@@ -263,75 +290,94 @@ class LOTCRSModel(nn.Module):
         m = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    @staticmethod
-    def at_mask(hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-        pos = batch.mask_positions
-        if pos is None or bool((pos < 0).any()):
-            raise UserError("LOT-CRS inputs end with the prompt: every row needs a mask position")
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos.to(hidden.device)]
+    def read(self, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """(B, H) the state the head scores (head.read: the mask, the mean, the first position)."""
+        return self.head.read(hidden, batch.attention_mask, batch.mask_positions)
 
     @torch.no_grad()
     def store_entries(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of memory entries for simulated contexts (target masked): the context
-        representation and the hidden state at the mask. Call in eval mode."""
+        representation and the state the head reads. Call in eval mode."""
         hidden = self.backbone.encode(batch)
-        return self.represent(batch, hidden).float(), self.at_mask(hidden, batch).float()
+        return self.represent(batch, hidden).float(), self.read(hidden, batch).float()
+
+    def _fused(self, batch: TokenBatch, hidden: torch.Tensor,
+               query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, RetrievalResult | None]:
+        """(states, fused states, neighbours): the head's read, fused with the store's values."""
+        states = self.read(hidden, batch)
+        if not self.uses_retrieval:
+            return states, states, None
+        if query is None:
+            query = self.represent(batch, hidden)
+        retrieved = self.store.search(query.detach().float())
+        fused = self.fusion(states[:, None], retrieved.values.to(states.dtype), value_mask=retrieved.mask)[:, 0]
+        return states, fused, retrieved
+
+    def evidence_bonus(self, states: torch.Tensor, evidence: EvidenceBatch | None) -> torch.Tensor | None:
+        """(B, N) float32 the evidence term's scores, None when the model has none."""
+        if self.evidence is None:
+            return None
+        if evidence is None:
+            raise RuntimeError("LOTCRSModel: the evidence term is on, but the batch carries no evidence "
+                               "(build RecData with an EvidenceBuilder)")
+        return self.evidence(states, evidence)
 
     @property
     def uses_retrieval(self) -> bool:
         return self.fusion is not None and self.store is not None
 
-    def forward(self, batch: TokenBatch, *, need_query: bool = False) -> ModelOutput:
-        """Item scores of a batch (see the module docstring); ``need_query`` computes the query
-        with its graph also without retrieval (for the retrieval loss)."""
+    def forward(self, batch: TokenBatch, *, evidence: EvidenceBatch | None = None,
+                need_query: bool = False) -> ModelOutput:
+        """Item scores of a batch (see the module docstring); ``evidence``: the batch's (needed
+        when the evidence term is on); ``need_query`` computes the query with its graph also
+        without retrieval (for the retrieval loss)."""
         hidden = self.backbone.encode(batch)
-        states = self.at_mask(hidden, batch)
-        query = retrieved = None
-        fused = states
-        if self.uses_retrieval or need_query:
-            query = self.represent(batch, hidden)
-        if self.uses_retrieval:
-            retrieved = self.store.search(query.detach().float())
-            fused = self.fusion(states[:, None], retrieved.values.to(states.dtype),
-                                value_mask=retrieved.mask)[:, 0]
-        return ModelOutput(self.backbone.item_logits(fused), query, states, retrieved)
+        query = self.represent(batch, hidden) if (self.uses_retrieval or need_query) else None
+        states, fused, retrieved = self._fused(batch, hidden, query)
+        logits = self.head(fused)
+        bonus = self.evidence_bonus(states, evidence)
+        if bonus is not None:
+            logits = logits.float() + bonus
+        return ModelOutput(logits, query, states, retrieved)
 
     def rank_items(self, batch: TokenBatch, targets: torch.Tensor | None, k: int,
-                   max_elements: int) -> Ranking:
+                   max_elements: int, *, evidence: EvidenceBatch | None = None) -> Ranking:
         """Top-k items, each target's rank and the log-sum-exp of a batch (evaluation, no grad),
         scored in item chunks of at most ``max_elements`` scores
         (lotcrs_plugin.evaluator.ranking): the same fused state as :meth:`forward`, without its
         (B, N) logits; with the vote's tail slots when they are set."""
-        ranking, tail_top = self.rank_parts(batch, targets, k, max_elements)
+        ranking, tail_top = self.rank_parts(batch, targets, k, max_elements, evidence=evidence)
         if tail_top is None:
             return ranking
         return with_tail_slots(ranking, tail_top, self.knn.tail_slots, targets)
 
     def rank_parts(self, batch: TokenBatch, targets: torch.Tensor | None, k: int, max_elements: int,
-                   *, tail: bool | None = None) -> tuple[Ranking, torch.Tensor | None]:
+                   *, tail: bool | None = None,
+                   evidence: EvidenceBatch | None = None) -> tuple[Ranking, torch.Tensor | None]:
         """The model's ranking (with the vote's bonus when its weight is > 0) and, when the tail
         slots are on (or ``tail``), the vote's (B, k) tail ranking that fills them."""
         if self.ranker is not None:
             return self.ranker.rank(batch, targets, k, max_elements), None
-        return self.rank_scored(self.score_parts(batch, tail=tail), targets, k, max_elements)
+        return self.rank_scored(self.score_parts(batch, tail=tail, evidence=evidence), targets, k, max_elements)
 
-    def score_parts(self, batch: TokenBatch, *, tail: bool | None = None) -> "ScoreParts":
+    def score_parts(self, batch: TokenBatch, *, tail: bool | None = None,
+                    evidence: EvidenceBatch | None = None) -> "ScoreParts":
         """What ranking a batch needs, before the vote's weight is applied: the linear head
-        (features, weight, bias) or the dense logits, and the vote (when it scores or fills
-        tail slots). The weight and the slots can then be tried without running the model again."""
+        (features, weight, bias) or the dense logits (a head that is not linear, or the evidence
+        term on), and the vote (when it scores or fills tail slots). The weight and the slots can
+        then be tried without running the model again."""
         hidden = self.backbone.encode(batch)
-        fused = states = self.at_mask(hidden, batch)
-        if self.uses_retrieval:
-            retrieved = self.store.search(self.represent(batch, hidden).detach().float())
-            fused = self.fusion(states[:, None], retrieved.values.to(states.dtype),
-                                value_mask=retrieved.mask)[:, 0]
-        head = self.backbone.item_head(fused)
+        states, fused, _ = self._fused(batch, hidden)
+        head, logits = self.head.parts_or_scores(fused)
+        bonus = self.evidence_bonus(states, evidence)
+        if bonus is not None:  # the evidence term is dense (B, N): so are the scores
+            logits = (F.linear(*head) if logits is None else logits).float() + bonus
+            head = None
         if tail is None:
             tail = bool(self.knn is not None and self.knn.tail_slots and any(self.knn.tail_slots.values()))
         tail = bool(tail and self.knn is not None and self.tail_items is not None)
         votes = self.knn.votes(batch) if self.knn is not None and (self.knn.weight > 0 or tail) else None
-        logits = self.backbone.item_logits(fused).float() if head is None else None
-        return ScoreParts(head, logits, votes, tail)
+        return ScoreParts(head, None if logits is None else logits.float(), votes, tail)
 
     def rank_scored(self, parts: "ScoreParts", targets: torch.Tensor | None, k: int,
                     max_elements: int) -> tuple[Ranking, torch.Tensor | None]:

@@ -75,6 +75,7 @@ from lotcrs_plugin.data.finetune_samples import (  # noqa: E402
     SUBSET_UNMENTIONED, IndexBatches, RecData, loader, per_item_rows, recommendation_index, sample_counts,
     simulated_index, turn_roles,
 )
+from lotcrs_plugin.data.context_evidence import EvidenceBuilder  # noqa: E402
 from lotcrs_plugin.data.pretrain_samples import tokenize_dialogs  # noqa: E402
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, POOLINGS, load_backbone  # noqa: E402
 from lotcrs_plugin.model.fusion import retrieval_contrastive_loss  # noqa: E402
@@ -271,6 +272,8 @@ class LOTCRSSystem(BaseSystem):
         self._knn_pretrain_cfg: Any = None  # lotcrs_pretrain updated by retrieval.knn_pretrain
         self._sync_store_at_test = False
         self.timings: dict[str, float] = {}
+        # name -> long-tail test report of a variant of the tested model (e.g. without tail slots)
+        self.test_variants: dict[str, Any] = {}
         self.dist = distributed.current()  # one process unless torchrun started several
         self.ddp: nn.Module | None = None  # the model in DDP while fine-tuning (several processes)
         if not interact:
@@ -319,15 +322,19 @@ class LOTCRSSystem(BaseSystem):
             bb = self.model.backbone
             dialogs = self.dialogs(split)  # simulated: a stream, read once
             table = tokenize_dialogs(dialogs, bb.tokenizer, bb.sep_ids, self.model.items, self.entity2id)
+            roles = None  # simulated dialogs: every turn counts as the seeker's for the evidence term
             if split == "simulated":
                 index = simulated_index(table)
             else:
-                index = recommendation_index(table, turn_roles(dialogs))
+                roles = turn_roles(dialogs)
+                index = recommendation_index(table, roles)
             if not len(index):
                 raise UserError(f"dataset {self.opt['dataset']!r}: the {split} split has no recommendation sample "
                                 f"(no Recommender turn names an item after the first turn)")
+            evidence = (EvidenceBuilder(table, roles, self.model.items.entity_ids)
+                        if self.model.evidence is not None else None)
             self._data[split] = RecData(table, bb.input_format(self.cfg.max_length), bb.first_item_id, index,
-                                        self.cfg.pad_to_multiple_of)
+                                        self.cfg.pad_to_multiple_of, evidence)
             logger.info(f"[lotcrs] {split}: {table.n_dialogs} dialogs -> {sample_counts(index)} "
                         f"({time.perf_counter() - started:.1f}s)")
         return self._data[split]
@@ -387,7 +394,7 @@ class LOTCRSSystem(BaseSystem):
     def encode_store_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(keys, values) of the simulated samples ``rows`` with the current backbone."""
         sim = self.data("simulated")
-        part = RecData(sim.table, sim.fmt, sim.first_item_id, sim.index.subset(rows), sim.pad_to_multiple_of)
+        part = sim.subset(rows)
         was = self.model.training
         self.model.eval()
         keys = values = None
@@ -487,7 +494,7 @@ class LOTCRSSystem(BaseSystem):
         encoder = self.knn_encoder(source).eval()
         sim = self.data("simulated")
         rows = per_item_rows(sim.index.targets, cfg.knn_per_item, cfg.sample_seed)
-        part = RecData(sim.table, sim.fmt, sim.first_item_id, sim.index.subset(rows), sim.pad_to_multiple_of)
+        part = sim.subset(rows)
         keys = np.empty((len(part), self.model.backbone.hidden_size), np.float32)
         for batch in self.batches(part, train=False):
             batch = batch.to(self.device)
@@ -572,7 +579,8 @@ class LOTCRSSystem(BaseSystem):
         for batch in self.batches(self.data("valid"), train=False):
             batch = batch.to(self.device)
             with self._autocast():
-                out.append((self.model.score_parts(batch.tokens, tail=tail), batch.targets, ~batch.mentioned))
+                out.append((self.model.score_parts(batch.tokens, tail=tail, evidence=batch.evidence), batch.targets,
+                            ~batch.mentioned))
         return out
 
     @torch.no_grad()
@@ -643,9 +651,10 @@ class LOTCRSSystem(BaseSystem):
         rows = np.arange(len(source))
         if cfg.teacher_max_samples and len(rows) > cfg.teacher_max_samples:
             rows = np.sort(np.random.default_rng(self.seed).choice(len(rows), cfg.teacher_max_samples, replace=False))
-        part = RecData(source.table, source.fmt, source.first_item_id, source.index.subset(rows),
-                       source.pad_to_multiple_of)
-        optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.teacher_lr, weight_decay=cfg.weight_decay)
+        part = source.subset(rows)
+        # the head and the evidence term at their own rates, as in fine-tuning; a constant rate (no schedule)
+        optimizer, _ = adamw_linear(teacher, lr=cfg.teacher_lr, weight_decay=cfg.weight_decay, warmup_ratio=0.0,
+                                    total_steps=1, rates=teacher.parameter_rates())
         teacher.train()
 
         def teacher_step() -> None:
@@ -659,7 +668,7 @@ class LOTCRSSystem(BaseSystem):
             for batch in self.batches(part, train=True, epoch=10_000 + epoch):
                 batch = batch.to(self.device)
                 with self._autocast():
-                    logits = teacher(batch.tokens).logits
+                    logits = teacher(batch.tokens, evidence=batch.evidence).logits
                 loss = F.cross_entropy(logits.float(), batch.targets)
                 (loss / cfg.grad_accumulation).backward()
                 n += 1
@@ -674,7 +683,7 @@ class LOTCRSSystem(BaseSystem):
                 for batch in self.batches(train, train=False):
                     batch = batch.to(self.device)
                     with self._autocast():
-                        yield batch.sample_idx, teacher(batch.tokens).logits.float()
+                        yield batch.sample_idx, teacher(batch.tokens, evidence=batch.evidence).logits.float()
 
         scores = TeacherScores.collect(logits_of_train(), len(train), kind=sm.teacher, temperature=sm.temperature,
                                        top_k=sm.top_k)
@@ -706,7 +715,8 @@ class LOTCRSSystem(BaseSystem):
         cfg = self.cfg
         total = max(1, self.steps_per_epoch() * cfg.epochs)
         self.optimizer, self.scheduler = adamw_linear(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                      warmup_ratio=cfg.warmup_ratio, total_steps=total)
+                                                      warmup_ratio=cfg.warmup_ratio, total_steps=total,
+                                                      rates=self.model.parameter_rates())
         self.total_steps = total
 
     def optimizer_step(self) -> None:
@@ -732,7 +742,8 @@ class LOTCRSSystem(BaseSystem):
         targets = batch.targets
         with torch.no_grad(), self._autocast():
             # item chunks of at most eval_chunk_elements scores: no (B, N) matrix for large catalogs
-            ranking = self.model.rank_items(batch.tokens, targets, TOP_K, self.cfg.eval_chunk_elements)
+            ranking = self.model.rank_items(batch.tokens, targets, TOP_K, self.cfg.eval_chunk_elements,
+                                            evidence=batch.evidence)
         ce = self._evaluate_ranking(ranking, targets, ~batch.mentioned)
         return {"rec_loss": ce.detach() / len(batch)}
 
@@ -754,7 +765,7 @@ class LOTCRSSystem(BaseSystem):
     def _train_step(self, batch, scale: float = 1.0) -> dict[str, torch.Tensor]:
         model = self.ddp if self.ddp is not None else self.model
         with self._autocast():
-            out = model(batch.tokens, need_query=self.retrieval_loss_on)
+            out = model(batch.tokens, evidence=batch.evidence, need_query=self.retrieval_loss_on)
         teacher = self.teacher.lookup(batch.sample_idx, self.device) if self.teacher is not None else None
         parts = label_smoothness_loss(out.logits.float(), batch.targets, teacher, self.smoothing_cfg.beta)
         total = parts.total
@@ -880,6 +891,29 @@ class LOTCRSSystem(BaseSystem):
             self.choose_tail_slots()
         self.evaluate("test")
         self._sync_store_at_test = False
+        voter = self.model.knn
+        if voter is not None and voter.tail_slots and any(voter.tail_slots.values()):
+            # the same model's test lists without the tail slots: what the model itself ranks
+            slots, voter.tail_slots = voter.tail_slots, None
+            try:
+                self.test_variants["without_tail_slots"] = self._quiet_report("test")
+            finally:
+                voter.tail_slots = slots
+
+    @torch.no_grad()
+    def _quiet_report(self, split: str) -> dict[str, Any] | None:
+        """The long-tail report of ``split`` as it is scored now, kept out of the run's reports."""
+        if not hasattr(self.evaluator, "longtail_report"):
+            return None
+        was = self.model.training
+        self.model.eval()
+        self.evaluator.reset_metrics()
+        for batch in self.batches(self.data(split), train=False):
+            self.step(batch, "rec", "test")
+        report = self.evaluator.longtail_report(-1, split)
+        self.evaluator.reset_metrics()
+        self.model.train(was)
+        return report
 
     # -- the whole pipeline
 
@@ -1086,7 +1120,7 @@ class LOTCRSSystem(BaseSystem):
             "tail_slots": getattr(self, "tail_slots_selection", None) or (
                 {"slots": self.model.knn.tail_slots} if self.model.knn is not None else None),
             "history": self.history, "timings": self.timings, "config": asdict(self.cfg),
-            "test": report,
+            "test": report, "test_variants": self.test_variants,
         }
         path = self.run_dir / "finetune.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1105,12 +1139,15 @@ class LOTCRSSystem(BaseSystem):
         table = tokenize_dialogs([{"dialog": list(turns)}], bb.tokenizer, bb.sep_ids, self.model.items, self.entity2id)
         index = RecIndex(np.array([[0, table.n_turns]], dtype=np.int64), np.zeros(1, np.int64), np.zeros(1, bool),
                          np.zeros(1, np.int64))
-        batch = RecData(table, bb.input_format(self.cfg.max_length), bb.first_item_id, index)[np.zeros(1, np.int64)]
+        evidence = (EvidenceBuilder(table, turn_roles([{"dialog": list(turns)}]), self.model.items.entity_ids)
+                    if self.model.evidence is not None else None)
+        batch = RecData(table, bb.input_format(self.cfg.max_length), bb.first_item_id, index,
+                        evidence=evidence)[np.zeros(1, np.int64)].to(self.device)
         was = self.model.training
         self.model.eval()
         with torch.no_grad(), self._autocast():
-            ranking = self.model.rank_items(batch.to(self.device).tokens, None, max(k, TOP_K),
-                                            self.cfg.eval_chunk_elements)
+            ranking = self.model.rank_items(batch.tokens, None, max(k, TOP_K), self.cfg.eval_chunk_elements,
+                                            evidence=batch.evidence)
         self.model.train(was)
         return ranking.top_ids[0, :k].tolist()
 

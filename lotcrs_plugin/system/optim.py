@@ -3,20 +3,28 @@ fine-tuning (LOTCRSPretrainSystem.build_optim, LOTCRSSystem.build_optim)."""
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 
 
 def adamw_linear(model: nn.Module, *, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int,
-                 fused: bool = False) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+                 fused: bool = False, rates: Mapping[int, float] | None = None,
+                 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """(optimizer, scheduler) for the trainable parameters of ``model``. Biases, norms and other
     vectors get no weight decay. ``total_steps``: optimizer steps of the whole run; the first
-    ``int(warmup_ratio * total_steps)`` warm up. ``fused``: the fused CUDA kernel."""
-    decay, no_decay = [], []
+    ``int(warmup_ratio * total_steps)`` warm up. ``fused``: the fused CUDA kernel. ``rates``:
+    id(parameter) -> its own peak learning rate (a fresh head learns faster than the encoder); the
+    schedule scales every rate alike."""
+    rates = rates or {}
+    by_group: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            no_decay = p.ndim < 2 or "norm" in name.lower()
+            by_group.setdefault((float(rates.get(id(p), lr)), no_decay), []).append(p)
+    groups = [{"params": params, "lr": rate, "weight_decay": 0.0 if no_decay else weight_decay}
+              for (rate, no_decay), params in sorted(by_group.items(), key=lambda kv: kv[0])]
     extra = {"fused": True} if fused else {}
     optimizer = torch.optim.AdamW(groups, lr=lr, **extra)
     total = max(1, total_steps)

@@ -40,14 +40,14 @@ class HeadConfig:
     that start as the item tokens' embeddings). read: the state scored (mask | mean | cls; '' = the
     head's own default). lr: the learning rate of the head's own parameters (0: the fine-tuning
     rate, lotcrs.lr). tie: dot only: the item embeddings ARE the backbone's input item-token rows
-    (what pre-training trained; an item named in the context and a recommended item share one
-    vector), else a copy of them. init_std: linear only: the initial weights' standard deviation.
+    (trained at the encoder's rate; an item named in the context and a recommended item share one
+    vector), else a copy of them made when the head is built (after pre-training), trained at lr. init_std: linear only: the initial weights' standard deviation.
     """
 
     type: str = "dot"
     read: str = ""
     lr: float = 0.0
-    tie: bool = True
+    tie: bool = False
     init_std: float = 0.02
 
     @classmethod
@@ -109,6 +109,11 @@ class ItemHead(nn.Module):
     def forward(self, state: torch.Tensor) -> torch.Tensor:
         """(B, N) item scores."""
         return F.linear(*self.linear_parts(state))
+
+    def parts_or_scores(self, state: torch.Tensor) -> tuple["LinearParts | None", "torch.Tensor | None"]:
+        """(linear parts, None), or (None, dense (B, N) scores) for a head that is not one linear
+        map: ranking uses the parts to score a large catalog in chunks."""
+        return self.linear_parts(state), None
 
     def own_parameters(self) -> list[nn.Parameter]:
         """The head's parameters that are not the backbone's (they train at ``head.lr``)."""

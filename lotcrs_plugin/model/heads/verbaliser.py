@@ -26,5 +26,9 @@ class VerbaliserHead(ItemHead):
         parts = self.backbone.item_head(state)
         return self.backbone.item_logits(state) if parts is None else F.linear(*parts)
 
+    def parts_or_scores(self, state: torch.Tensor):
+        parts = self.backbone.item_head(state)
+        return (parts, None) if parts is not None else (None, self.backbone.item_logits(state))
+
     def own_parameters(self) -> list:
         return []
