@@ -77,4 +77,6 @@ def run_demo(configs: Sequence[str | Path] = DEMO_CONFIGS, *, out: str | Path | 
     failed = [r for r in compared.rows if r.status != "ok"]
     if failed:
         raise UserError("; ".join(f"{r.config}: {r.get('error')}" for r in failed))
-    return DemoOutput(compared, side_by_side(compared.rows))
+    # one column per config (compare adds rows for a model's test variants, e.g. without tail slots)
+    stems = {Path(c).stem for c in configs}
+    return DemoOutput(compared, side_by_side([r for r in compared.rows if r.config in stems]))
