@@ -44,6 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lotcrs_plugin.data.synthetic_preferences import preference_stats, telling_pairs
 from lotcrs_plugin.errors import UserError
 
 NAME = "synthetic"
@@ -478,50 +479,6 @@ class _Dialogs:
     pref: np.ndarray       # (n_conv, T) bool: a stated preference (genre + person) for the next item
 
 
-def _item_people(cat: _Catalog) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every person of every item: (n_items, 5) person index, kind (index into PERSON_SLOTS) and
-    validity (an item has 2 or 3 stars)."""
-    n = len(cat.item_names)
-    people = np.concatenate([cat.stars, cat.director[:, None], cat.writer[:, None]], axis=1)
-    kind = np.broadcast_to(np.array([0, 0, 0, 1, 2]), people.shape)
-    valid = np.concatenate([np.arange(3)[None, :] < cat.n_stars_of[:, None], np.ones((n, 2), bool)], axis=1)
-    return people, kind, valid
-
-
-def _pair_codes(cat: _Catalog, n_people: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every (genre, person) pair of every item: (n_items, 3, 5) code genre * n_people + person,
-    the person's kind and validity."""
-    people, kind, p_valid = _item_people(cat)
-    g_valid = np.arange(3)[None, :] < cat.n_genres_of[:, None]
-    codes = cat.genres[:, :, None].astype(np.int64) * n_people + people[:, None, :]
-    valid = g_valid[:, :, None] & p_valid[:, None, :]
-    return codes, np.broadcast_to(kind[:, None, :], codes.shape), valid
-
-
-def _pair_items(cat: _Catalog, n_genres: int, n_people: int) -> np.ndarray:
-    """(n_genres * n_people,) how many catalog items have each (genre, person) pair."""
-    codes, _, valid = _pair_codes(cat, n_people)
-    item = np.broadcast_to(np.arange(len(codes), dtype=np.int64)[:, None, None], codes.shape)
-    span = n_genres * n_people
-    per_item = np.unique(item[valid] * span + codes[valid])  # an item counts once per pair
-    return np.bincount(per_item % span, minlength=span)
-
-
-def _telling_pairs(cat: _Catalog, n_genres: int, n_people: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per item the two (genre, person) pairs shared by the fewest catalog items: what a seeker who
-    wants the item asks for, as they narrow the catalog most. Genre, person and the person's kind,
-    (n_items, 2) each."""
-    codes, kind, valid = _pair_codes(cat, n_people)
-    n = len(codes)
-    codes, kind, valid = codes.reshape(n, -1), kind.reshape(n, -1), valid.reshape(n, -1)
-    count = _pair_items(cat, n_genres, n_people)
-    score = np.where(valid, count[codes] + rng.random(codes.shape), np.inf)  # ties broken at random
-    best = np.argsort(score, axis=1)[:, :2]
-    chosen = np.take_along_axis(codes, best, 1)
-    return chosen // n_people, chosen % n_people, np.take_along_axis(kind, best, 1)
-
-
 def _dialogs(cfg: SyntheticConfig, cat: _Catalog, rng: np.random.Generator) -> _Dialogs:
     """Acts, then focus items, then slot values. As in real CRS dialogs, the seeker's stated
     preferences decide what is recommended: the seeker turn before each recommendation names a genre
@@ -556,7 +513,7 @@ def _dialogs(cfg: SyntheticConfig, cat: _Catalog, rng: np.random.Generator) -> _
     pref = np.zeros((C, T), dtype=bool)
     pref[:, :-1] = is_rec[:, 1:]
     pref &= seeker & (pos > 0)
-    tell_genre, tell_person, tell_kind = _telling_pairs(cat, cfg.n_genres, cfg.n_people, rng)
+    tell_genre, tell_person, tell_kind = telling_pairs(cat, cfg.n_genres, cfg.n_people, rng)
     which = (rng.random((C, T)) < 0.5).astype(np.int64)  # one of the item's two most telling pairs
     act = np.where(pref, a["s_pref_star"] + tell_kind[next_t, which], act)
     act[(act == a["s_react"]) & (n_rec_before == 0)] = a["s_liked"]
@@ -580,19 +537,6 @@ def _dialogs(cfg: SyntheticConfig, cat: _Catalog, rng: np.random.Generator) -> _
     # int32 halves what a 1M-dialog dataset holds while its text is written
     return _Dialogs(template.astype(np.int32), item.astype(np.int32), genre.astype(np.int32),
                     person.astype(np.int32), mood, pref)
-
-
-def preference_stats(cfg: SyntheticConfig, cat: _Catalog, dia: _Dialogs) -> dict[str, float]:
-    """How far the stated preferences decide the recommendation: the share of recommendations
-    preceded by one, and of those preferences whose (genre, person) pair belongs to the
-    recommended item alone in the catalog."""
-    pair_items = _pair_items(cat, cfg.n_genres, cfg.n_people)
-    stated = dia.genre[dia.pref].astype(np.int64) * cfg.n_people + dia.person[dia.pref]
-    rec = np.array([t.role == RECOMMENDER and t.has_item for t in TEMPLATES])[dia.template]
-    before = np.zeros_like(rec)
-    before[:, 1:] = dia.pref[:, :-1]
-    return {"recommendations_after_a_preference": round(float(before[rec].mean()), 4),
-            "preferences_naming_one_item": round(float((pair_items[stated] == 1).mean()), 4)}
 
 
 _CHUNK = 20_000  # dialogs formatted at a time
@@ -752,7 +696,8 @@ def generate(cfg: SyntheticConfig, dest: str | os.PathLike) -> Path:
                    "key": cfg.key(), "config": asdict(cfg)},
         "splits": {"train": n_train, "valid": n_valid, "test": n_test},
         "tail": {"definition": f"source_mentions <= {threshold}", "threshold": threshold},
-        "preferences": preference_stats(cfg, cat, dia),
+        "preferences": preference_stats(cat, cfg.n_genres, cfg.n_people, dia.genre, dia.person, dia.pref,
+                                        np.array([t.role == RECOMMENDER and t.has_item for t in TEMPLATES])[dia.template]),
     }
     # written last: its presence marks a complete folder
     _write(dest / "dataset.json", json.dumps(manifest, indent=2) + "\n")
