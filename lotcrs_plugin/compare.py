@@ -70,6 +70,7 @@ def row_from_result(result: dict[str, Any], config: str, device: str = "") -> Ro
         crslab_name, _, k = name.partition("@")
         if crslab_name in CRSLAB_TO_REPORT:
             metrics.setdefault(f"{CRSLAB_TO_REPORT[crslab_name]}@{k}", value)
+    values.update(metrics)  # every metric of the report, beyond the table's (the demo reads tail_recall@1)
     for key, _ in METRIC_COLUMNS:
         values[key] = metrics.get(key)
     selection = result.get("selection") or {}
@@ -84,6 +85,7 @@ def row_from_result(result: dict[str, Any], config: str, device: str = "") -> Ro
                   tail_size=tail.get("tail_size"))
     for subset, part in (longtail.get("subsets") or {}).items():  # e.g. 'unmentioned' (LOT-CRS samples)
         sub = part.get("metrics") or {}
+        values.update({f"{subset}:{key}": value for key, value in sub.items()})
         for key, _ in METRIC_COLUMNS:
             values[f"{subset}:{key}"] = sub.get(key)
         values[f"{subset}:n_test"], values[f"{subset}:n_tail_test"] = part.get("n_samples"), part.get("n_tail_samples")

@@ -27,7 +27,8 @@ from loguru import logger
 from lotcrs_plugin import config as run_config
 from lotcrs_plugin.errors import UserError
 
-# `crslab run` with no --config: the whole LOT-CRS pipeline on the synthetic dataset, offline
+# run(None): the LOT-CRS half of the demo (`crslab run` with no --config runs it beside the plain
+# backbone: lotcrs_plugin.demo), the whole pipeline on the synthetic dataset, offline
 DEMO_CONFIG = Path(__file__).with_name("configs") / "lotcrs_demo.yaml"
 
 
