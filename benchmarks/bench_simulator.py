@@ -10,11 +10,20 @@ Also writes sample conversations (head and tail items) of each real dataset.
 
     python benchmarks/bench_simulator.py [--data ../shared/data] [--runs 3] [--per-item 20]
         [--scales 1000,10000,100000] [--results benchmarks/results]
+
+The samples also count the turns that contradict their own thread (a genre, person or title
+that is not the target's: lotcrs_plugin.data.simulator.consistency) over the whole simulation.
+Only the samples, from processed dataset folders, without the timing runs; --before NAME=DIR
+also counts an earlier simulation of the same folder (e.g. one of an older simulator version):
+
+    python benchmarks/bench_simulator.py --samples-only $LOTCRS_HOME/data/dataset/redial_partial \
+        [--before ReDial=/tmp/old_sim]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -102,9 +111,49 @@ def measure(folder: Path, per_item: int, runs: int, tmp: Path) -> dict:
     }
 
 
-def write_samples(name: str, dataset: Path, sim: Path, dest: Path, n_each: int = 10) -> None:
+def thread_check(dataset: Path, sim: Path) -> dict:
+    """Turns of the simulation at ``sim`` that name something outside their thread."""
+    sys.path.insert(0, str(REPO))
+    from lotcrs_plugin.data.catalog import Catalog
+    from lotcrs_plugin.data.simulator import load_stats
+    from lotcrs_plugin.data.simulator.consistency import ThreadChecker
+
+    start = time.perf_counter()
+    report = ThreadChecker(Catalog.from_folder(dataset)).check_folder(sim, examples=5)
+    report["simulator_version"] = load_stats(sim).get("simulator_version")
+    report["check_seconds"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def _consistency_lines(after: dict, before: dict | None, before_dir: Path | None) -> list[str]:
+    rows = [("this simulation", after)] + ([(f"earlier simulation `{before_dir.name}` (--before)", before)]
+                                           if before and before_dir else [])
+    lines = ["## Thread consistency", "",
+             "Turns that name a genre (also in other words: \"scary\" is horror, \"funny\" comedy), a studio "
+             "(\"disney movies\"), a person or a title that is not in their dialog's thread (the target's attributes, the target, the related "
+             "items the dialog lists), counted over the whole simulation by "
+             "`lotcrs_plugin.data.simulator.consistency.ThreadChecker`.", "",
+             "| simulation | simulator version | dialogs | turns | contradicting turns | contradicting dialogs | findings by kind |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, r in rows:
+        share = r["contradicting_turns"] / r["turns"] if r["turns"] else 0.0
+        lines.append(f"| {label} | {r['simulator_version']} | {r['dialogs']} | {r['turns']} | "
+                     f"{r['contradicting_turns']} ({100 * share:.2f}%) | {r['contradicting_dialogs']} | "
+                     f"{json.dumps(r['findings_by_kind']) if r['findings_by_kind'] else '-'} |")
+    for label, r in rows:
+        if r["top_words"]:
+            lines += ["", f"Most frequent contradicting words, {label}: "
+                      + ", ".join(f"{w} ({n})" for w, n in list(r["top_words"].items())[:10]) + "."]
+            lines += ["", "Examples:", "", "```"] + [f"[{e['conv_id']} turn {e['turn']}] {e['what']} "
+                                                    f"'{e['surface']}': {e['text']}" for e in r["examples"]] + ["```"]
+    return lines + [""]
+
+
+def write_samples(name: str, dataset: Path, sim: Path, dest: Path, n_each: int = 10,
+                  before: Path | None = None, command: str = "python benchmarks/bench_simulator.py") -> None:
     """n_each conversations of head items (most train mentions) and of tail items (never
-    mentioned in train), one per item, with the statistics."""
+    mentioned in train), one per item, with the statistics and the thread check (of an earlier
+    simulation ``before`` too)."""
     sys.path.insert(0, str(REPO))
     from lotcrs_plugin.commands.simulate import format_dialog
     from lotcrs_plugin.data.simulator import iter_simulated, load_stats
@@ -127,12 +176,16 @@ def write_samples(name: str, dataset: Path, sim: Path, dest: Path, n_each: int =
             "gini_real_train_mentions", "items_never_mentioned_in_train", "items_without_attributes",
             "thread_length_before_target", "thread_elements_by_kind", "reasons_by_kind", "slots_filled_by_kind",
             "mined_template_share", "seconds")
+    print(f"checking the threads of {name} ...", file=sys.stderr, flush=True)
+    check_after = thread_check(dataset, sim)
+    check_before = thread_check(dataset, before) if before is not None else None
     lines = [f"# Simulated conversations: {name}", "",
              f"Dataset folder made by `crslab import-data` from the shared files; simulation with the "
              f"default `simulation:` settings (per_item {stats['per_item']}, seed 0), written by "
-             f"`python benchmarks/bench_simulator.py`. One conversation (index 0 of {stats['per_item']}) "
+             f"`{command}` (commit {_commit()}, {cpu_name()}, no GPU). One conversation (index 0 of {stats['per_item']}) "
              f"for each of {len(head)} head items (most training mentions) and {len(tail)} tail items "
              f"(no training mention), target in brackets after `<` on the recommendation turn.", "",
+             *_consistency_lines(check_after, check_before, before),
              "## Statistics", "", "```json", json.dumps({k: stats[k] for k in keep}, indent=1), "```", "",
              "Templates per act (built-in or mined) and mining report:", "", "```json",
              json.dumps({"templates": stats["templates"], "mining": stats["mining"]}, indent=1), "```", ""]
@@ -148,6 +201,42 @@ def write_samples(name: str, dataset: Path, sim: Path, dest: Path, n_each: int =
     dest.write_text("\n".join(lines), encoding="utf-8")
 
 
+@functools.lru_cache(maxsize=None)
+def _commit() -> str:
+    """The checkout's commit (once: the files this script writes would make it look changed)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=REPO).stdout.strip()
+        return out.stdout.strip() + ("+changes" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _display_name(folder: Path) -> str:
+    low = folder.name.lower()
+    return "ReDial" if low.startswith("redial") else "INSPIRED" if low.startswith("inspired") else folder.name
+
+
+def samples_only(folders: list[Path], before: dict[str, Path], per_item: int, results: Path, argv: list[str]) -> None:
+    """Simulate each processed folder (default settings) and write its samples file."""
+    sys.path.insert(0, str(REPO))
+    from lotcrs_plugin.data.simulator import SimulationConfig, simulate
+
+    command = "python benchmarks/bench_simulator.py " + " ".join(argv)
+    home = os.environ.get("LOTCRS_HOME")
+    if home:
+        command = command.replace(home.rstrip("/"), "$LOTCRS_HOME")
+    with tempfile.TemporaryDirectory(prefix="bench_sim_") as tmp_name:
+        for folder in folders:
+            name = _display_name(folder)
+            print(f"simulating {name} ...", file=sys.stderr, flush=True)
+            out = simulate(folder, SimulationConfig(per_item=per_item), out_dir=Path(tmp_name) / folder.name)
+            write_samples(name, folder, out, results / f"simulator_samples_{name.lower()}.md",
+                          before=before.get(name), command=command)
+            shutil.rmtree(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path,
@@ -157,11 +246,24 @@ def main() -> None:
     parser.add_argument("--scales", default="1000,10000,100000",
                         help="synthetic catalog sizes (items); the largest is run once")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--samples-only", nargs="+", type=Path, metavar="DATASET_DIR",
+                        help="only write the samples files of these processed dataset folders (no timing)")
+    parser.add_argument("--before", action="append", default=[], metavar="NAME=SIM_DIR",
+                        help="also check an earlier simulation of dataset NAME (ReDial, INSPIRED)")
     parser.add_argument("--child")
     parser.add_argument("--child-out")
     args = parser.parse_args()
     if args.child:
         child(args.child, args.per_item, args.child_out)
+        return
+    before: dict[str, Path] = {}
+    for b in args.before:
+        name, sep, path = b.partition("=")
+        if not sep or not Path(path).is_dir():
+            sys.exit(f"--before takes NAME=SIM_DIR with an existing folder, not {b!r}")
+        before[name] = Path(path)
+    if args.samples_only:
+        samples_only(args.samples_only, before, args.per_item, args.results, sys.argv[1:])
         return
 
     sys.path.insert(0, str(REPO))
@@ -187,7 +289,8 @@ def main() -> None:
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
             m = measure(folder, args.per_item, args.runs, tmp)
             rows.append((name, m))
-            write_samples(name, folder, m["out"], args.results / f"simulator_samples_{name.lower()}.md")
+            write_samples(name, folder, m["out"], args.results / f"simulator_samples_{name.lower()}.md",
+                          before=before.get(name))
             shutil.rmtree(m["out"])
         scales = [int(s) for s in args.scales.split(",") if s]
         for n in scales:

@@ -1,21 +1,29 @@
-"""Speed of LOT-CRS on one dataset in one process, beside CRSLab's own BERT recommender.
+"""Speed of LOT-CRS on one dataset in one process, beside CRSLab's BERT recommender and a plain
+Hugging Face fine-tuning loop.
 
 Measured, in this order, on the same data:
 
 1. simulator: the balanced-data simulator over the dataset (uncached), conversations/s;
-2. pre-training: LOTCRSPretrainSystem's training step (DMP + CCA micro-batch from its own
-   DataLoader, ``step`` + ``optimizer_step``), samples/s, tokens/s, MFU (CUDA);
-3. CRSLab's BERT recommender (``rec_model: BERT``, TGReDialSystem.step: forward, backward,
-   optimizer) on the very same token sequences, in batches of the same size and width, and the
-   ratio LOT-CRS pre-training samples/s over CRSLab BERT samples/s. The two alternate (every step
-   on CPU, in 5 blocks on CUDA: --rounds), so that a shared machine's changing load hits both;
-4. memory store: LOTCRSSystem.build_store (encode the simulated contexts, build the faiss index),
+2. memory store: LOTCRSSystem.build_store (encode the simulated contexts, build the faiss index),
    seconds; retrieval: MemoryStore.search with the test contexts as queries, queries/s;
-5. fine-tuning: LOTCRSSystem's training step (retrieval fusion and retrieval loss on when faiss
-   is there), samples/s, MFU (CUDA);
-6. evaluation: LOTCRSSystem.evaluate('test'): every test sample scored against every catalog item
+3. training, four loops in alternation (every step on CPU, in 5 blocks on CUDA: --rounds), so
+   that a shared machine's changing load hits all of them alike (benchmarks/_alternate.py):
+   - LOT-CRS pre-training: LOTCRSPretrainSystem's step (DMP + CCA micro-batch from its own
+     DataLoader, ``step`` + ``optimizer_step``), samples/s, tokens/s, MFU (CUDA);
+   - CRSLab's BERT recommender (``rec_model: BERT``, TGReDialSystem.step: forward, backward,
+     optimizer) on the very same token sequences, in batches of the same size and width;
+   - LOT-CRS fine-tuning: LOTCRSSystem's step (with the retrieval fusion and its loss only with
+     --retrieval on), samples/s, MFU (CUDA);
+   - the reference: a plain Hugging Face loop (benchmarks/hf_reference.py: AutoModel, mean
+     pooling, a linear layer over the items, cross-entropy, AdamW, fp32) on the very sequences
+     of the timed fine-tuning batches;
+   and each one's ratio to the reference (and pre-training's to CRSLab's BERT);
+4. evaluation: LOTCRSSystem.evaluate('test'): every test sample scored against every catalog item
    and the long-tail evaluator's report, seconds;
-7. peak memory: the process's peak RSS; on CUDA also torch.cuda.max_memory_allocated per part.
+5. peak memory: the process's peak RSS; on CUDA also torch.cuda.max_memory_allocated per part.
+
+The CPU's model and ISA flags (AVX-512, AVX512_BF16, AMX: lotcrs_plugin.hardware) go with every
+figure: bf16 autocast is on only where the ISA runs it.
 
 A sample is one input sequence of the encoder: a DMP context, each side of a CCA pair (a CCA pair
 is two samples, its "example" one), a recommendation context. CRSLab's BERT gets the sequences of
@@ -27,6 +35,7 @@ warm-up steps are not timed.
     python benchmarks/speed.py                                   # CPU, synthetic, MiniLM (tiny without it)
     python benchmarks/speed.py --device cuda --arch bert-base    # GPU: BERT-base from BertConfig(), bf16
     python benchmarks/speed.py --dataset redial_partial --arch minilm --steps 5
+    LOTCRS_HOME=/work/lh python benchmarks/speed.py --dataset inspired_unicrs --steps 5   # an imported dataset
 
 Without crslab (it imports the systems) only the simulator runs; without faiss the memory store
 and retrieval are skipped and fine-tuning runs without retrieval. Each skip is one line on stderr
@@ -55,12 +64,15 @@ for _p in (str(BENCH), str(REPO)):
         sys.path.insert(0, _p)
 
 from _common import cpu_name, encoder_dims, encoder_train_flops, mfu, peak_bf16_flops  # noqa: E402
+from speed_report import markdown, page_inputs  # noqa: E402
 
 from lotcrs_plugin.errors import UserError  # noqa: E402
 
 MINILM = Path(os.path.expanduser("~/.cache/lotcrs/models/all-MiniLM-L6-v2"))
 ARCHS = ("tiny", "minilm", "bert-base")
-PARTS = ("simulator", "pretrain", "crslab_bert", "store", "retrieval", "finetune", "evaluation")
+PARTS = ("simulator", "store", "retrieval", "pretrain", "crslab_bert", "finetune", "hf_reference", "evaluation")
+SKIPPABLE = ("simulator", "store", "retrieval", "training", "evaluation")
+TRAINING = ("pretrain", "crslab_bert", "finetune", "hf_reference")  # measured together, alternating
 
 
 # ---- arguments -------------------------------------------------------------------------------
@@ -91,6 +103,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak", type=float, default=None,
                    help="peak FLOP/s for MFU (default: the GPU's dense bf16 peak by name; none on CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's setting)")
+    p.add_argument("--skip", default="", help="comma-separated parts not to run (e.g. store,retrieval: the "
+                                               "slowest set-up on a large simulation); known: " + ", ".join(SKIPPABLE))
+    p.add_argument("--retrieval", choices=("on", "off"), default="off",
+                   help="fine-tuning with the retrieval fusion and its loss (on, when faiss is there) or without "
+                        "(off: as crslab_configs/lotcrs_inspired_cpu.yaml runs, and the plain loop's task)")
     p.add_argument("--out", type=Path, default=None,
                    help="Markdown results file (default benchmarks/results/speed_<device>.md); the JSON goes "
                         "next to it")
@@ -101,6 +118,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, not {getattr(args, key)}")
     if args.seq < 16:
         raise UserError(f"--seq must be at least 16 (the prompt and a context), not {args.seq}")
+    args.skip = tuple(x for x in args.skip.split(",") if x)
+    for part in args.skip:
+        if part not in SKIPPABLE:
+            raise UserError(f"--skip {part}: not a part that can be left out; known: {', '.join(SKIPPABLE)}")
+    if args.retrieval == "on" and "store" in args.skip:
+        raise UserError("--retrieval on fine-tunes with the memory store: do not --skip store")
     if args.rounds < 0:
         raise UserError(f"--rounds must be 0 or more, not {args.rounds}")
     for key in ("steps", "warmup"):
@@ -219,8 +242,10 @@ class SpeedRun:
         print(f"speed.py: skipping {part}: {reason}", file=sys.stderr, flush=True)
 
     def part(self, name: str, fn: Callable[[], dict], needs: tuple[str, ...] = (), *, several: bool = False) -> None:
-        """Run one part unless a module or an earlier part it needs is missing; ``several``: fn
-        returns the results of several parts by name (measured together)."""
+        """Run one part unless a module or an earlier part it needs is missing, or --skip names it;
+        ``several``: fn returns the results of several parts by name (measured together)."""
+        if name in self.args.skip:
+            return self.skip(name, "--skip")
         for need in needs:
             if need in self.missing and self.missing[need]:
                 return self.skip(name, f"needs {need} ({self.missing[need]})")
@@ -236,24 +261,6 @@ class SpeedRun:
             if self.cuda:  # parts measured together share their peak
                 result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.results.update(results)
-
-    def timed_loop(self, batches: Iterator[Any], step: Callable[[Any], None],
-                   count: Callable[[Any], dict[str, float]]) -> dict[str, float]:
-        """``warmup`` untimed steps, then ``steps`` timed ones (fetching the batch included);
-        totals of ``count`` over the timed batches, per second."""
-        for _ in range(self.warmup):
-            step(next(batches))
-        totals: dict[str, float] = {}
-        taken = []
-        with Timer(self.device) as t:
-            for _ in range(self.steps):
-                batch = next(batches)
-                step(batch)
-                taken.append(batch)
-        for batch in taken:
-            for k, v in count(batch).items():
-                totals[k] = totals.get(k, 0.0) + v
-        return self.rates(totals, t.seconds)
 
     # -- set-up
 
@@ -323,7 +330,8 @@ class SpeedRun:
         opt = dict(self.opt, model="LOTCRS", backbone="bert", backbone_path="(set below)", evaluator="longtail")
         opt["lotcrs_pretrain"] = {"run_name": "speed_pretrain", "epochs": 1, "batch_size": args.batch,
                                   "grad_accumulation": 1, "max_length": args.seq, "checkpoint_every": 0}
-        opt["lotcrs"] = {"run_name": "speed_lotcrs", "pretrain": False, "retrieval": not self.missing["faiss"],
+        fusion = args.retrieval == "on" and not self.missing["faiss"]
+        opt["lotcrs"] = {"run_name": "speed_lotcrs", "pretrain": False, "retrieval": fusion,
                          "batch_size": args.batch, "grad_accumulation": 1, "eval_batch_size": args.eval_batch,
                          "max_length": args.seq}
         opt["smoothing"] = {"teacher": "none"}
@@ -480,6 +488,7 @@ class SpeedRun:
         items = torch.tensor(system.item_ids, dtype=torch.long)
         g = torch.Generator().manual_seed(0)
         unused = torch.zeros(1, dtype=torch.long)
+        extra: dict[str, Any] = {"parameters": sum(p.numel() for p in inner.parameters()), "precision": "fp32"}
 
         def as_crslab(tokens, rows: slice) -> tuple:
             ids = tokens.input_ids[rows]
@@ -497,6 +506,7 @@ class SpeedRun:
             if batch.cca is not None:
                 half = batch.cca.input_ids.shape[0] // 2
                 out += [as_crslab(batch.cca, slice(0, half)), as_crslab(batch.cca, slice(half, None))]
+            extra["crslab_batches_per_step"] = len(out)
             return out
 
         def count(group: list[tuple]) -> dict[str, float]:
@@ -514,47 +524,51 @@ class SpeedRun:
             for c in group:
                 system.step(c, "rec", "train")
 
-        extra = {"parameters": sum(p.numel() for p in inner.parameters()), "precision": "fp32"}
         return {"system": system, "convert": convert, "count": count, "step": step, "extra": extra}
 
-    def pretrain_and_crslab(self) -> dict[str, dict]:
-        """Both trained in alternation, block by block (``rounds`` blocks): a block of LOT-CRS
-        micro-batches (their DataLoader included), then CRSLab's BERT on the same rows. A machine
-        whose load drifts slows both alike, so the ratio holds."""
+    def prepare_reference(self) -> dict[str, Any]:
+        """The plain Hugging Face loop (benchmarks/hf_reference.py) on the fine-tuning sequences."""
+        from hf_reference import PlainLoop
+
+        loop = PlainLoop(self.backbone, len(self.system.model.items), lr=self.system.cfg.lr, device=self.device)
+        dims = encoder_dims(loop.model.encoder)
+        n_items = len(self.system.model.items)
+
+        def count(item) -> dict[str, float]:
+            b, w = item[0].shape
+            return {"samples": b, "tokens": b * w,
+                    "flops": encoder_train_flops(dims, b, w, head_rows=n_items, head_positions=b)}
+
+        return {"convert": loop.convert, "step": loop.step, "count": count,
+                "extra": {"parameters": loop.parameters(), "precision": "fp32"}}
+
+    def training(self) -> dict[str, dict]:
+        """The four training loops in alternation, block by block (``rounds`` blocks): LOT-CRS
+        pre-training (its DataLoader included), CRSLab's BERT on the same rows, LOT-CRS
+        fine-tuning (its DataLoader included), the plain Hugging Face loop on the same rows. A
+        machine whose load drifts slows all of them alike, so the ratios hold."""
+        from _alternate import Contender, alternate
+
         lot = self.prepare_pretrain()
         base = self.prepare_crslab_bert()
-        for _ in range(self.warmup):
-            batch = next(lot["batches"])
-            lot["step"](batch)
-            base["step"](base["convert"](batch))
+        fine = self.prepare_finetune()
+        ref = self.prepare_reference()
+        contenders = [
+            Contender("pretrain", lot["step"], lot["count"], batches=lot["batches"]),
+            Contender("crslab_bert", base["step"], base["count"], follows="pretrain", convert=base["convert"]),
+            Contender("finetune", fine["step"], fine["count"], batches=fine["batches"]),
+            Contender("hf_reference", ref["step"], ref["count"], follows="finetune", convert=ref["convert"]),
+        ]
         rounds = min(self.rounds, self.steps)
-        sizes = [self.steps // rounds + (1 if r < self.steps % rounds else 0) for r in range(rounds)]
-        seconds = {"lot": 0.0, "base": 0.0}
-        totals: dict[str, dict[str, float]] = {"lot": {}, "base": {}}
-        for size in sizes:
-            with Timer(self.device) as t:
-                taken = []
-                for _ in range(size):
-                    batch = next(lot["batches"])
-                    lot["step"](batch)
-                    taken.append(batch)
-            seconds["lot"] += t.seconds
-            groups = [base["convert"](b) for b in taken]  # built before the clock starts
-            with Timer(self.device) as t:
-                for group in groups:
-                    base["step"](group)
-            seconds["base"] += t.seconds
-            for key, side, items in (("lot", lot, taken), ("base", base, groups)):
-                for item in items:
-                    for k, v in side["count"](item).items():
-                        totals[key][k] = totals[key].get(k, 0.0) + v
+        totals = alternate(contenders, steps=self.steps, warmup=self.warmup, rounds=rounds,
+                           sync=Timer(self.device).sync)
         out = {}
-        for key, side, name in (("lot", lot, "pretrain"), ("base", base, "crslab_bert")):
-            r = self.rates(totals[key], seconds[key])
+        for side, name in ((lot, "pretrain"), (base, "crslab_bert"), (fine, "finetune"), (ref, "hf_reference")):
+            t = dict(totals[name])
+            r = self.rates(t, t.pop("seconds"))
             r.update(side["extra"], rounds=rounds, mean_width=r["tokens"] / r["samples"])
             out[name] = r
-        out["crslab_bert"]["crslab_batches_per_step"] = len(groups[-1])
-        del lot, base
+        del lot, base, fine, ref, contenders
         release(self.cuda)
         return out
 
@@ -612,7 +626,8 @@ class SpeedRun:
         return {"queries": n, "seconds": t.seconds, "queries_s": n / t.seconds, "top_k": store.config.top_k,
                 "entries": len(store), "batch": self.args.eval_batch}
 
-    def finetune(self) -> dict:
+    def prepare_finetune(self) -> dict[str, Any]:
+        """LOTCRSSystem's fine-tuning step with its optimizer; its batches and FLOPs count."""
         system = self.system
         model = system.model
         system.build_optim()
@@ -636,11 +651,9 @@ class SpeedRun:
             system.optimizer_step()
 
         model.train()
-        out = self.timed_loop(batches(), step, count)
-        out.update({"train_samples": len(train), "sample_build_s": self.finetune_build_s,
-                    "retrieval": model.uses_retrieval, "bf16": bool(system.autocast),
-                    "mean_width": out["tokens"] / out["samples"]})
-        return out
+        extra = {"train_samples": len(train), "sample_build_s": self.finetune_build_s,
+                 "retrieval": model.uses_retrieval, "bf16": bool(system.autocast)}
+        return {"batches": batches(), "count": count, "step": step, "extra": extra}
 
     def evaluation(self) -> dict:
         system = self.system
@@ -659,13 +672,12 @@ class SpeedRun:
                 self.skip(name, f"needs crslab, which lotcrs_plugin.system imports ({self.missing['crslab']})")
             return
         self.crslab_data()
-        self.part("pretrain", self.pretrain_and_crslab, ("crslab",), several=True)
         self.lotcrs_system()
         self.part("store", self.store, ("crslab", "faiss"))
         self.part("retrieval", self.retrieval, ("crslab", "faiss", "store"))
-        if self.missing["faiss"]:
+        if self.missing["faiss"] and self.args.retrieval == "on":
             self.notes.append("fine-tuning and evaluation ran without retrieval (no faiss)")
-        self.part("finetune", self.finetune, ("crslab",))
+        self.part("training", self.training, ("crslab",), several=True)
         self.part("evaluation", self.evaluation, ("crslab",))
 
     def report(self) -> dict:
@@ -676,6 +688,11 @@ class SpeedRun:
         if "pretrain" in r and "crslab_bert" in r:
             r["ratio"] = {"samples": r["pretrain"]["samples_s"] / r["crslab_bert"]["samples_s"],
                           "tokens": r["pretrain"]["tokens_s"] / r["crslab_bert"]["tokens_s"]}
+        if "hf_reference" in r:  # every training loop against the plain Hugging Face loop
+            ref = r["hf_reference"]
+            r["vs_reference"] = {k: {"samples": r[k]["samples_s"] / ref["samples_s"],
+                                     "tokens": r[k]["tokens_s"] / ref["tokens_s"]}
+                                 for k in TRAINING if k in r}
         r["memory"] = {"peak_rss_mb": peak_rss_mb()}
         if self.cuda:
             peaks = [v["cuda_peak_mb"] for v in r.values() if isinstance(v, dict) and "cuda_peak_mb" in v]
@@ -686,6 +703,11 @@ class SpeedRun:
                   "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
                   "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+        if not self.cuda:  # machines differ: some have AVX512_BF16 or AMX, some neither
+            from lotcrs_plugin.hardware import cpu_info
+
+            info = cpu_info()
+            device.update(cpu=info.describe(), isa_flags=list(info.flags), bf16_fast=info.bf16_fast)
         if self.cuda:
             device.update(cuda=torch.version.cuda, tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32))
         if not self.missing["crslab"]:
@@ -701,6 +723,7 @@ class SpeedRun:
             device["faiss"] = faiss.__version__
         a = self.args
         setup = {"dataset": a.dataset, "folder": str(self.folder), "per_item": a.per_item, "batch": a.batch,
+                 "retrieval": a.retrieval,
                  "eval_batch": a.eval_batch, "max_length": a.seq, "steps": self.steps, "warmup": self.warmup,
                  "arch": getattr(self, "arch", None), "backbone": str(getattr(self, "backbone", "")) or None,
                  "dims": getattr(self, "dims", None), "vocab_size": getattr(self, "vocab_size", None),
@@ -714,127 +737,6 @@ class SpeedRun:
                    + "".join(" " + shlex.quote(x) for x in self.argv))
         return {"command": command, "device": device, "setup": setup, "results": r, "skipped": self.skipped,
                 "notes": self.notes}
-
-
-# ---- the report ------------------------------------------------------------------------------
-
-def _f(x: float | None, digits: int = 1) -> str:
-    if x is None:
-        return "-"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}f}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def markdown(rep: dict) -> str:
-    d, s, r = rep["device"], rep["setup"], rep["results"]
-    if d["type"] == "cuda":
-        dev = (f"{d['name']}, CUDA {d.get('cuda')}, peak {d['peak_flops'] / 1e12:.0f} TFLOP/s bf16 dense"
-               if d.get("peak_flops") else f"{d['name']}, CUDA {d.get('cuda')}, no peak known (give --peak)")
-        dev += f", TF32 matmul {'on' if d.get('tf32_matmul') else 'off'}"
-    else:
-        dev = f"{d['name']}, {d['cpus']} logical CPUs, {d['torch_threads']} torch thread(s)"
-        if d.get("omp_num_threads"):
-            dev += f", OMP_NUM_THREADS={d['omp_num_threads']}"
-    versions = ", ".join(f"{k} {d[k]}" for k in ("torch", "transformers", "crslab", "faiss") if d.get(k))
-    lines = [f"# LOT-CRS speed on {d['kind'].upper() if d['type'] == 'cuda' else 'CPU'}", "",
-             f"Device: {dev}; {versions}; Python {d['python']}; 1-min load average at the end {d['load_average']:.1f}.",
-             f"Command: `{rep['command']}`", ""]
-    data = f"dataset `{s['dataset']}`"
-    if s["dataset"] == "synthetic":
-        data += f" ({s['items']} items, {s['conversations']} dialogs)"
-    model = s.get("arch") or "-"
-    if s.get("dims"):
-        dm = s["dims"]
-        model += (f": {dm['layers']} layers, hidden {dm['hidden']}, {dm['dense_params'] / 1e6:.1f} M dense parameters"
-                  f", vocabulary {s['vocab_size']} with {s['n_items']} item tokens")
-    if s.get("tokenizer"):
-        model += f"; tokenizer: {s['tokenizer']}"
-    lines += [f"Data: {data}, {s['per_item']} simulated conversations per item. Model: {model}. "
-              f"Training batch {s['batch']} (pre-training: {s['batch']} DMP samples + {s['batch']} CCA pairs per "
-              f"micro-batch), max length {s['max_length']}, {s['warmup']} warm-up + {s['steps']} timed steps per "
-              f"loop; evaluation batch {s['eval_batch']}.", ""]
-    for part, reason in rep["skipped"].items():
-        lines.append(f"Skipped {part}: {reason}.")
-    for note in rep["notes"]:
-        lines.append(f"Note: {note}.")
-    if rep["skipped"] or rep["notes"]:
-        lines.append("")
-    cuda = d["type"] == "cuda"
-    lines += ["| part | result | detail |", "| --- | ---: | --- |"]
-    if "simulator" in r:
-        x = r["simulator"]
-        lines.append(f"| simulator | {_f(x['conversations_s'])} conversations/s | {x['conversations']} conversations "
-                     f"({x['turns']} turns) for {x['items']} items in {x['seconds']:.2f} s |")
-    for key, label in (("pretrain", "LOT-CRS pre-training"), ("crslab_bert", "CRSLab BERT recommender"),
-                       ("finetune", "LOT-CRS fine-tuning")):
-        if key not in r:
-            continue
-        x = r[key]
-        detail = f"{_f(x['tokens_s'])} tokens/s, {x['step_s']:.3f} s/step"
-        if cuda or x.get("mfu") is not None:
-            detail += f", MFU {_pct(x.get('mfu'))}"
-        if key == "pretrain":
-            detail += (f"; {_f(x['examples_s'])} examples/s (DMP samples + CCA pairs); mean width "
-                       f"{x['mean_width']:.0f}; {'bf16 autocast' if x['bf16'] else 'fp32'}; samples built in "
-                       f"{x['sample_build_s']:.2f} s ({x['dmp_samples']} DMP samples)")
-        elif key == "crslab_bert":
-            detail += (f"; {x['precision']}; the pre-training sequences as {x['crslab_batches_per_step']} "
-                       f"batches per step")
-        else:
-            detail += (f"; {x['train_samples']} training samples, retrieval {'on' if x['retrieval'] else 'off'}, "
-                       f"{'bf16 autocast' if x['bf16'] else 'fp32'}; mean width {x['mean_width']:.0f}")
-        if cuda:
-            detail += f"; peak {_f(x['cuda_peak_mb'], 0)} MB"
-        lines.append(f"| {label} | {_f(x['samples_s'])} samples/s | {detail} |")
-    if "ratio" in r:
-        lines.append(f"| ratio pre-training / CRSLab BERT | {r['ratio']['samples']:.2f}x samples/s | "
-                     f"{r['ratio']['tokens']:.2f}x tokens/s, same sequences |")
-    if "store" in r:
-        x = r["store"]
-        lines.append(f"| memory store build | {x['seconds']:.2f} s | {x['entries']} entries for {x['items']} "
-                     f"items ({x['index']} index; encoding + index); simulated samples built in "
-                     f"{x['sample_build_s']:.2f} s |")
-    if "retrieval" in r:
-        x = r["retrieval"]
-        lines.append(f"| retrieval | {_f(x['queries_s'])} queries/s | MemoryStore.search, top-{x['top_k']} of "
-                     f"{x['entries']}, batches of {x['batch']}, {x['queries']} queries |")
-    if "evaluation" in r:
-        x = r["evaluation"]
-        lines.append(f"| evaluation, full catalog | {x['seconds']:.2f} s | {x['samples']} test samples x {x['items']} "
-                     f"items ({_f(x['samples_s'])} samples/s), retrieval {'on' if x['retrieval'] else 'off'}, "
-                     f"long-tail report included |")
-    m = r["memory"]
-    mem = f"| peak memory | {_f(m['peak_rss_mb'], 0)} MB RSS |"
-    together = "pre-training and CRSLab's BERT held together while they alternate"
-    mem += (f" CUDA max allocated {_f(m['cuda_peak_mb'], 0)} MB ({together}) |" if "cuda_peak_mb" in m
-            else f" the whole process ({together}) |")
-    lines.append(mem)
-    rounds = r.get("pretrain", {}).get("rounds")
-    lines += ["", "How it is measured: one process, the parts in the order above, on the same dataset. A sample is "
-              "one encoder input sequence (a DMP context, each side of a CCA pair, a recommendation context). "
-              "CRSLab's BERT recommender (TGReDialSystem.step: forward, backward, its optimizer step with the "
-              "gradient norm) runs on the very sequences of the timed pre-training micro-batches, in batches of "
-              "the same size and width (item tokens as [UNK]); it is timed without batch building, LOT-CRS with "
-              f"its DataLoader; the two alternate in {rounds or '-'} block(s) of the timed steps, so that a change "
-              "of the machine's load hits both. MFU = model FLOPs / time / peak, model FLOPs per step = 6 N per token (N: the "
-              "dense encoder weights, embeddings excluded) + 12 L H T per token (attention, T the padded width) "
-              "+ 6 H V per position scored by an output head (MLM head over the vocabulary at the expected masked "
-              "keyword positions, verbaliser over the items, CRSLab's item layer over the entities), as "
-              "benchmarks/_common.py computes it; padded positions count. Fine-tuning runs without the "
-              "label-smoothness teacher (its KL term is a lookup); its fusion and retrieval-loss FLOPs are left out "
-              "of MFU. Pre-training and fine-tuning use their systems' own settings otherwise (AdamW, clipping, "
-              "bf16 autocast on CUDA); CRSLab's BERT runs as CRSLab runs it (fp32, its MFU against the same bf16 "
-              "peak).", ""]
-    if not cuda:
-        lines += ["On a GPU: `python benchmarks/speed.py --device cuda --arch bert-base` (BERT-base from BertConfig(), "
-                  "bf16 autocast, MFU against the GPU's dense bf16 peak) writes speed_<gpu>.md; on the lent GPU "
-                  "machines, which lack crslab and faiss, benchmarks/gpu_wheels.sh prepares the wheels to carry.", ""]
-    return "\n".join(lines)
 
 
 def default_out(kind: str) -> Path:
@@ -888,7 +790,7 @@ def main(argv: list[str] | None = None) -> dict:
             hf_logging.enable_progress_bar()
     out = args.out or default_out(rep["device"]["kind"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(rep)
+    text = markdown(rep, *page_inputs(out))  # with benchmarks/ab.py's before/after rows and the notes
     out.write_text(text, encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(rep, indent=1, default=str) + "\n", encoding="utf-8")
     print(text)

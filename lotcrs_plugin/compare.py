@@ -40,7 +40,7 @@ METRIC_COLUMNS: list[tuple[str, str]] = [
 CSV_COLUMNS: list[str] = (
     ["config", "status", "model", "dataset"] + [k for k, _ in METRIC_COLUMNS]
     + ["selected_epoch", "last_epoch", "selection_metric", "selection_score", "seconds",
-       "n_test", "n_tail_test", "tail_definition", "catalog_size", "tail_size", "device", "error"]
+       "n_test", "n_tail_test", "tail_definition", "catalog_size", "tail_size", "device", "commit", "error"]
 )
 CRSLAB_TO_REPORT = {"hit": "recall", "ndcg": "ndcg", "mrr": "mrr"}  # test.rec -> report names
 
@@ -70,6 +70,7 @@ def row_from_result(result: dict[str, Any], config: str, device: str = "") -> Ro
         crslab_name, _, k = name.partition("@")
         if crslab_name in CRSLAB_TO_REPORT:
             metrics.setdefault(f"{CRSLAB_TO_REPORT[crslab_name]}@{k}", value)
+    values.update(metrics)  # every metric of the report, beyond the table's (the demo reads tail_recall@1)
     for key, _ in METRIC_COLUMNS:
         values[key] = metrics.get(key)
     selection = result.get("selection") or {}
@@ -77,13 +78,14 @@ def row_from_result(result: dict[str, Any], config: str, device: str = "") -> Ro
         selected_epoch=selection.get("selected_epoch"), last_epoch=selection.get("last_epoch"),
         selection_metric=selection.get("metric"), selection_score=selection.get("validation_score"),
         seconds=result.get("seconds"), n_test=longtail.get("n_samples"),
-        n_tail_test=longtail.get("n_tail_samples"), device=device,
+        n_tail_test=longtail.get("n_tail_samples"), device=device, commit=result.get("commit") or "",
     )
     tail = longtail.get("tail") or {}
     values.update(tail_definition=tail.get("definition"), catalog_size=tail.get("catalog_size"),
                   tail_size=tail.get("tail_size"))
     for subset, part in (longtail.get("subsets") or {}).items():  # e.g. 'unmentioned' (LOT-CRS samples)
         sub = part.get("metrics") or {}
+        values.update({f"{subset}:{key}": value for key, value in sub.items()})
         for key, _ in METRIC_COLUMNS:
             values[f"{subset}:{key}"] = sub.get(key)
         values[f"{subset}:n_test"], values[f"{subset}:n_tail_test"] = part.get("n_samples"), part.get("n_tail_samples")
@@ -92,6 +94,17 @@ def row_from_result(result: dict[str, Any], config: str, device: str = "") -> Ro
         notes.append("no recommendation test metrics in the results")
     values["error"] = "; ".join(notes)
     return Row(config, "ok", values, longtail.get("popularity_buckets"))
+
+
+def rows_from_result(result: dict[str, Any], config: str, device: str = "") -> list[Row]:
+    """The run's row, then one row per test variant of its model (``test_variants``, e.g. the
+    LOT-CRS lists without tail slots), named ``<config> (<variant>)``."""
+    rows = [row_from_result(result, config, device)]
+    for name, report in sorted((result.get("test_variants") or {}).items()):
+        if report:
+            variant = {**result, "test": {"longtail": report}}
+            rows.append(row_from_result(variant, f"{config} ({name.replace('_', ' ')})", device))
+    return rows
 
 
 def failed_row(config: str, error: BaseException | str, opt: dict | None = None) -> Row:
@@ -128,16 +141,22 @@ def _where(error: BaseException) -> str:
 
 def read_results(path: str | os.PathLike) -> Row:
     """A row from a finished results JSON; a missing or malformed file is a failed row."""
+    return read_result_rows(path)[0]
+
+
+def read_result_rows(path: str | os.PathLike) -> list[Row]:
+    """The rows of a finished results JSON (its run, then its test variants); a missing or
+    malformed file is one failed row."""
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return failed_row(p.stem, f"results file {p} not found")
+        return [failed_row(p.stem, f"results file {p} not found")]
     except json.JSONDecodeError as err:
-        return failed_row(p.stem, f"{p}:{err.lineno}: not valid JSON ({err.msg})")
+        return [failed_row(p.stem, f"{p}:{err.lineno}: not valid JSON ({err.msg})")]
     if not isinstance(data, dict) or "test" not in data:
-        return failed_row(p.stem, f"{p}: not a results JSON of `crslab run` (no 'test' key)")
-    return row_from_result(data, p.stem, data.get("device", ""))
+        return [failed_row(p.stem, f"{p}: not a results JSON of `crslab run` (no 'test' key)")]
+    return rows_from_result(data, p.stem, data.get("device", ""))
 
 
 # ---- running configs ---------------------------------------------------------------------------
@@ -169,8 +188,8 @@ def _cache_file(cache_dir: Path, config: Path, opt: dict, seed: int | None) -> P
 
 
 def run_config(config: str | os.PathLike, *, cache_dir: Path, rerun: bool = False, seed: int | None = None,
-               gpu: str = "-1", output_root: str | None = None) -> tuple[Row, bool]:
-    """Run one config through the runner (or reuse its cached result): (row, reused)."""
+               gpu: str = "-1", output_root: str | None = None) -> tuple[list[Row], bool]:
+    """Run one config through the runner (or reuse its cached result): (its rows, reused)."""
     from lotcrs_plugin import config as run_config_module
 
     path = Path(config)
@@ -180,7 +199,7 @@ def run_config(config: str | os.PathLike, *, cache_dir: Path, rerun: bool = Fals
         cache = _cache_file(cache_dir, path, opt, seed)
         if cache.is_file() and not rerun:
             entry = json.loads(cache.read_text(encoding="utf-8"))
-            return row_from_result(entry["result"], path.stem, entry.get("device", "")), True
+            return rows_from_result(entry["result"], path.stem, entry.get("device", "")), True
         from dataclasses import asdict
 
         from lotcrs_plugin.runner import run
@@ -192,11 +211,11 @@ def run_config(config: str | os.PathLike, *, cache_dir: Path, rerun: bool = Fals
         tmp.write_text(json.dumps({"config": str(path.resolve()), "device": device, "result": result},
                                   indent=1, default=str), encoding="utf-8")
         tmp.replace(cache)
-        return row_from_result(result, path.stem, device), False
+        return rows_from_result(result, path.stem, device), False
     except Exception as err:  # noqa: BLE001 - one failed config must not end the comparison
         cache_dir.mkdir(parents=True, exist_ok=True)
         (cache_dir / f"{path.stem}.traceback.txt").write_text(traceback.format_exc(), encoding="utf-8")
-        return failed_row(path.stem, err, opt), False
+        return [failed_row(path.stem, err, opt)], False
     finally:
         gc.collect()
 
@@ -257,7 +276,7 @@ def markdown_table(rows: Sequence[Row], subset: str | None = None) -> str:
     """The table of all test samples, or (``subset``) of that subset's samples; rows without the
     subset show '-' (CRSLab's own dataloaders do not flag it)."""
     headers = (["Model", "Dataset"] + [h for _, h in METRIC_COLUMNS]
-               + ["Test n (tail)", "Epoch", "Seconds", "Tail (tail/catalog)", "Notes"])
+               + ["Test n (tail)", "Epoch", "Seconds", "Tail (tail/catalog)", "Commit", "Notes"])
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     prefix = f"{subset}:" if subset else ""
     for label, row in zip(row_labels(rows), rows):
@@ -270,7 +289,7 @@ def markdown_table(rows: Sequence[Row], subset: str | None = None) -> str:
         samples = "-" if n is None else f"{n} ({row.get(prefix + 'n_tail_test')})"
         cells = ([label, row.get("dataset") or "-"] + [_fmt(k, row.get(prefix + k)) for k, _ in METRIC_COLUMNS]
                  + [samples, _epoch_cell(row), _fmt("seconds", row.get("seconds")), _tail_cell(row),
-                    note.replace("|", "\\|")])
+                    row.get("commit") or "-", note.replace("|", "\\|")])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -454,16 +473,17 @@ def compare(configs: Sequence[str | os.PathLike] = (), results: Sequence[str | o
     for i, config in enumerate(configs, 1):
         progress(f"[{i}/{len(configs)}] {config} ...")
         started = time.perf_counter()
-        row, reused = run_config(config, cache_dir=cache_dir, rerun=rerun, seed=seed, gpu=gpu,
-                                 output_root=output_root)
-        rows.append(row)
+        config_rows, reused = run_config(config, cache_dir=cache_dir, rerun=rerun, seed=seed, gpu=gpu,
+                                         output_root=output_root)
+        rows.extend(config_rows)
+        row = config_rows[0]
         what = "reused" if reused else f"{time.perf_counter() - started:.0f} s"
         if row.status == "ok":
             progress(f"[{i}/{len(configs)}] {config}: {what}; R@10 {_fmt('x', row.get('recall@10'))}, "
                      f"TailCov@50 {_fmt('x', row.get('tail_coverage@50'))}")
         else:
             progress(f"[{i}/{len(configs)}] {config}: FAILED ({row.get('error')})")
-    rows += [read_results(r) for r in results]
+    rows += [row for r in results for row in read_result_rows(r)]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = []

@@ -78,6 +78,7 @@ CONFIG_BLOCKS: dict[str, str] = {
     "lotcrs": "lotcrs_plugin.config_blocks.finetune:FinetuneConfig",
     "selection": "lotcrs_plugin.system.selection:SelectionConfig",
     "distributed": "lotcrs_plugin.system.distributed:DistributedConfig",
+    "conversation": "lotcrs_plugin.model.conversation.config:ConversationConfig",
 }
 
 _OPT_KEY = re.compile(r"""(?:opt|config)(?:\[|\.get\()\s*['"]([A-Za-z_][A-Za-z_0-9]*)['"]""")

@@ -8,6 +8,7 @@ tiles); elsewhere PyTorch emulates it and autocast is slower than fp32. The syst
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,4 +59,29 @@ def bf16_autocast_pays(device: torch.device | str) -> bool:
     return kind == "cpu" and cpu_info().bf16_fast
 
 
-__all__ = ["CpuInfo", "bf16_autocast_pays", "cpu_info"]
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice: the physical cores or OMP_NUM_THREADS
+
+
+def training_threads(requested: int = 0, *, load: float | None = None, cores: int | None = None) -> int:
+    """Torch intra-op threads for training: ``requested`` when it is > 0; else torch's default
+    (the machine's physical cores, or OMP_NUM_THREADS when set), cut to the cores that are free:
+    an OpenMP thread on a core that another process holds makes the others wait for it at every
+    parallel region (on the shared 2-core machine, 2 threads trained MiniLM at 0.25x the speed of
+    1 while the load average was 10: benchmarks/results/speed_cpu.md). The free cores are the
+    cores minus the 1-minute load average, plus this process's own share of it."""
+    if requested > 0:
+        return requested
+    base = max(1, _TORCH_DEFAULT_THREADS)
+    if "OMP_NUM_THREADS" in os.environ:  # the user's choice
+        return base
+    cores = cores or os.cpu_count() or base
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # no load average on this platform
+            return base
+    free = int(round(cores - load + 1.0))
+    return max(1, min(base, free))
+
+
+__all__ = ["CpuInfo", "bf16_autocast_pays", "cpu_info", "training_threads"]

@@ -27,7 +27,8 @@ from loguru import logger
 from lotcrs_plugin import config as run_config
 from lotcrs_plugin.errors import UserError
 
-# `crslab run` with no --config: the whole LOT-CRS pipeline on the synthetic dataset, offline
+# run(None): the LOT-CRS half of the demo (`crslab run` with no --config runs it beside the plain
+# backbone: lotcrs_plugin.demo), the whole pipeline on the synthetic dataset, offline
 DEMO_CONFIG = Path(__file__).with_name("configs") / "lotcrs_demo.yaml"
 
 
@@ -43,10 +44,32 @@ class RunResult:
     config: dict[str, Any] = field(default_factory=dict)  # the merged, validated config that ran
     config_files: list[str] = field(default_factory=list)  # the config file, then its bases
     overrides: list[str] = field(default_factory=list)  # the --set expressions, in order
+    # name -> long-tail test report of a variant of the tested model (the LOT-CRS system's
+    # 'without_tail_slots': the model's own lists); compare shows each as a row of its own
+    test_variants: dict[str, Any] = field(default_factory=dict)
+    commit: str = ""  # the plugin's git commit that ran ('+dirty': with uncommitted changes), else ''
     log_file: str = ""
     results_file: str = ""
     model_file: str = ""
     seconds: float = 0.0
+
+
+def code_commit() -> str:
+    """The git commit of the plugin's source tree, '+dirty' when its tracked files changed ('' for
+    an installed copy without git). Recorded with every result, so a table row names its code."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return ""
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
+                                "--", "lotcrs_plugin"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return rev + ("+dirty" if dirty else "")
 
 
 def seed_everything(seed: int) -> None:
@@ -176,7 +199,8 @@ def _run(opt: dict, crs_config: Any, loaded: run_config.LoadedConfig, layout: An
         if dist.active and getattr(system, "dist", None) is None:
             raise UserError(f"model {name} trains in one process; several processes (torchrun, --nproc) are for "
                             f"the LOT-CRS systems (model: LOTCRS or LOTCRSPretrain)")
-        result = RunResult(dataset=opt["dataset"], model_name=name, log_file=str(log_file) if dist.is_main else "",
+        result = RunResult(dataset=opt["dataset"], model_name=name, commit=code_commit(),
+                           log_file=str(log_file) if dist.is_main else "",
                            model_file=str(getattr(system, "model_file", "")), config=recorded,
                            config_files=loaded.files, overrides=loaded.overrides)
         if interact:
@@ -189,6 +213,7 @@ def _run(opt: dict, crs_config: Any, loaded: run_config.LoadedConfig, layout: An
         selector = attach_selection(system, opt)
         system.fit()
         result.selection = selection_summary(selector, system)
+        result.test_variants = dict(getattr(system, "test_variants", None) or {})
         if save_system and dist.is_main:
             system.save_model()
     finally:

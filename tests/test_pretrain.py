@@ -101,6 +101,26 @@ def small_bert(tmp_path_factory):
     return backbone
 
 
+def test_the_rust_backend_call_tokenizes_as_transformers_does(small_bert, tmp_path):
+    """tokenize_dialogs calls a fast tokenizer's backend directly (half the time); ids and
+    offsets equal transformers' own call, item tokens and byte-level BPE included."""
+    from lotcrs_plugin.data.pretrain_samples import _encode
+    from lotcrs_plugin.model.backbones.base import ITEM_TOKEN
+    from support import tiny_bart
+
+    bart = build_backbone("bart", str(tiny_bart(tmp_path / "bart")))
+    bart.add_item_tokens(ITEMS.display_names, ITEMS.entity_ids)
+    texts = [" ".join(t["text"]) if isinstance(t["text"], list) else t["text"] for d in DIALOGS for t in d["dialog"]]
+    texts += [f"you should watch {ITEM_TOKEN.format(1)} , or <item_0>  !", "", "  spaced   out  "]
+    for bb in (small_bert, bart):
+        assert bb.tokenizer.is_fast
+        ids, offsets = _encode(bb.tokenizer, texts)
+        enc = bb.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        assert [list(x) for x in ids] == enc["input_ids"]
+        assert [[tuple(o) for o in x] for x in offsets] == [[tuple(o) for o in x] for x in enc["offset_mapping"]]
+        assert {bb.first_item_id, bb.first_item_id + 1} <= set(ids[-3])  # item tokens found as tokens
+
+
 def test_samples_mark_keywords_and_hide_the_target(small_bert):
     bb = small_bert
     tok = bb.tokenizer
@@ -159,6 +179,46 @@ def test_batches_pad_dynamically_and_resume_at_any_batch(small_bert):
             assert a != p and data.cca.targets[a] == data.cca.targets[p]
     out = data[PretrainBatchSampler(len(data.dmp), data.cca, 4, 3, seed=5).__iter__().__next__()[0]]
     assert out.dmp.input_ids.shape[0] == 4 and out.cca.input_ids.shape[0] == 6 and out.cca_targets.shape == (3,)
+
+
+def test_mlm_head_at_the_masked_positions_only_equals_the_full_head(small_bert):
+    """masked_lm_loss runs the MLM head on the selected positions alone (lm_logits(hidden[where])):
+    loss and gradients equal those of BertForMaskedLM's full (B, T, V) logits."""
+    import torch.nn.functional as F
+
+    from lotcrs_plugin.model.pretrain_losses import masked_lm_loss
+
+    bb = small_bert
+    table = tokenize_dialogs(DIALOGS * 3, bb.tokenizer, bb.sep_ids, ITEMS, ENTITY2ID)
+    data = PretrainData(table, bb.input_format(64), bb.first_item_id, dmp=dmp_index(table), cca=cca_index(table))
+    batch = collate([data.dmp_row(i) for i in range(len(data.dmp))], bb.pad_token_id, 8, 64)
+    m = mask_keywords(batch.input_ids, batch.keyword_mask, batch.entity_ids > 0, probability=0.9,
+                      mask_token_id=bb.mask_token_id, vocab_size=bb.vocab_size,
+                      generator=torch.Generator().manual_seed(1))
+    selected = int(m.selected.sum())
+    assert 0 < selected < int(batch.attention_mask.sum()) // 2  # few scored positions among many tokens
+    model = bb.model
+    model.eval()  # no dropout: the two passes see the same states
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    masked = batch.replace(input_ids=m.input_ids)
+    ours, acc = masked_lm_loss(bb.encode(masked), m.labels, bb.lm_logits)
+    ours.backward()
+    g_ours = grads()
+    full_logits = model(input_ids=m.input_ids, attention_mask=batch.attention_mask).logits  # every token
+    assert full_logits.shape[:2] == batch.input_ids.shape
+    full = F.cross_entropy(full_logits.reshape(-1, full_logits.shape[-1]), m.labels.reshape(-1), ignore_index=IGNORE)
+    full.backward()
+    g_full = grads()
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-6)
+    assert set(g_ours) == set(g_full) and len(g_ours) > 10
+    for name, g in g_full.items():
+        torch.testing.assert_close(g_ours[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    model.train()
 
 
 # ---- the config block ------------------------------------------------------------------------
@@ -310,3 +370,47 @@ def test_config_file_names_registered_parts(plugin):
     bad = dict(opt, lotcrs_pretrain={"epochs": "two"})
     with pytest.raises(UserError, match="block 'lotcrs_pretrain': key 'epochs' must be an integer"):
         run_config.validate(bad)
+
+
+def test_progress_total_is_the_batches_that_run(plugin, synthetic_bert, lotcrs_home, monkeypatch):
+    """The bar of every epoch counts to where it really ends (max_steps cuts the second short),
+    so its ETA is true; the log's step total is max_steps."""
+    import tqdm.auto
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.total_shown, self.n_shown = kwargs.get("total"), kwargs.get("initial", 0)
+            if str(kwargs.get("desc", "")).startswith("pretrain epoch"):  # not the model files' bars
+                bars.append(self)
+
+        def update(self, n=1):  # a disabled tqdm counts nothing: count here, as the shown bar would
+            self.n_shown += n
+            self.n = self.n_shown
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    system = _system(_opt(synthetic_bert, simulated=False, run_name="bars", epochs=3, grad_accumulation=2,
+                          checkpoint_every=0, eval_max_batches=1))
+    system.build_optim()
+    per_epoch = system.sampler("train", 0).n_batches
+    assert per_epoch >= 4, per_epoch
+    max_steps = system.steps_per_epoch() + 1  # the whole first epoch, one step of the second
+    system = _system(_opt(synthetic_bert, simulated=False, run_name="bars", epochs=3, grad_accumulation=2,
+                          checkpoint_every=0, eval_max_batches=1, max_steps=max_steps))
+    ran = []
+    step = type(system).step
+
+    def counting(self, batch, stage="pretrain", mode="train", *args, **kwargs):
+        if mode == "train":
+            ran.append(self.epoch)
+        return step(self, batch, stage, mode, *args, **kwargs)
+
+    monkeypatch.setattr(type(system), "step", counting)
+    system.fit()
+    assert system.global_step == max_steps and system.last_step == max_steps < system.total_steps
+    assert [b.total_shown for b in bars] == [ran.count(0), ran.count(1)] == [per_epoch, 2]
+    assert [b.n_shown for b in bars] == [b.total_shown for b in bars]  # each bar ends full
+    assert len(ran) == per_epoch + 2

@@ -114,12 +114,15 @@ def test_demo_run_writes_only_under_the_root(tmp_path):
     env = {**os.environ, "LOTCRS_HOME": str(home)}
     exe = Path(sys.executable).parent / "crslab"
     cmd = [str(exe), "run"] if exe.exists() else [sys.executable, "-m", "lotcrs_plugin", "run"]
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    # two runs (the plain backbone and LOT-CRS): about a minute of CPU, several on a busy machine
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "tail_coverage" in out.stdout and "catalog 200 items" in out.stdout
+    assert "| plain backbone | LOT-CRS |" in out.stdout and "TailCov@50" in out.stdout
+    assert "of 200 items" in out.stdout
     assert list(cwd.iterdir()) == []
     assert _snapshot(site) - before == set()
-    assert list((home / "results").glob("*.json")) and list((home / "log").glob("*.log"))
+    assert len(list((home / "results").glob("*.json"))) == 2 and len(list((home / "log").glob("*.log"))) == 2
+    assert (home / "demo" / "demo_recall_vs_tail_coverage.png").stat().st_size > 0
 
 
 def test_runs_started_in_the_same_second_keep_their_own_files(monkeypatch):

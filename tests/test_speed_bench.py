@@ -18,7 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 TINY = ["--arch", "tiny", "--items", "50", "--conversations", "60", "--per-item", "2", "--batch", "4",
-        "--seq", "32", "--steps", "2", "--warmup", "1", "--eval-batch", "16", "--queries", "64", "--threads", "1"]
+        "--seq", "32", "--steps", "2", "--warmup", "1", "--eval-batch", "16", "--queries", "64", "--threads", "1",
+        "--retrieval", "on"]
 MEASURED = {
     "simulator": ("conversations", "seconds", "conversations_s"),
     "pretrain": ("samples_s", "tokens_s", "examples_s", "step_s", "flops", "mfu", "sample_build_s"),
@@ -26,6 +27,7 @@ MEASURED = {
     "store": ("entries", "seconds", "entries_s"),
     "retrieval": ("queries", "seconds", "queries_s"),
     "finetune": ("samples_s", "tokens_s", "step_s", "flops", "mfu"),
+    "hf_reference": ("samples_s", "tokens_s", "step_s", "flops", "mfu"),
     "evaluation": ("samples", "items", "seconds", "samples_s"),
     "memory": ("peak_rss_mb",),
     "ratio": ("samples", "tokens"),
@@ -63,7 +65,15 @@ def test_every_part_is_measured_and_the_ratio_is_the_quotient(tmp_path):
     assert r["crslab_bert"]["tokens"] == r["pretrain"]["tokens"]
     assert r["pretrain"]["examples"] == 2 * 2 * 4
     assert r["pretrain"]["rounds"] == r["crslab_bert"]["rounds"] == 2  # alternating every step on CPU
-    for part in ("pretrain", "crslab_bert", "finetune"):  # MFU against the given peak
+    # the plain loop on the very rows of the fine-tuning batches; ratios to it
+    assert r["hf_reference"]["samples"] == r["finetune"]["samples"] == 2 * 4
+    assert r["hf_reference"]["tokens"] == r["finetune"]["tokens"]
+    assert r["hf_reference"]["rounds"] == r["finetune"]["rounds"] == 2
+    for part in ("pretrain", "crslab_bert", "finetune"):
+        assert r["vs_reference"][part]["samples"] == pytest.approx(
+            r[part]["samples_s"] / r["hf_reference"]["samples_s"], rel=1e-12)
+    assert saved["device"]["cpu"].startswith(saved["device"]["name"]) and "isa_flags" in saved["device"]
+    for part in ("pretrain", "crslab_bert", "finetune", "hf_reference"):  # MFU against the given peak
         x = r[part]
         assert x["mfu"] == pytest.approx(x["flops"] / x["seconds"] / 1e12, rel=1e-12)
         assert x["samples_s"] == pytest.approx(x["samples"] / x["seconds"], rel=1e-12)
@@ -72,6 +82,8 @@ def test_every_part_is_measured_and_the_ratio_is_the_quotient(tmp_path):
     assert saved["device"]["kind"] == "cpu" and "python benchmarks/speed.py --arch tiny" in saved["command"]
     text = out.read_text()
     assert f"| ratio pre-training / CRSLab BERT | {r['ratio']['samples']:.2f}x samples/s |" in text
+    assert f"| ratio fine-tuning / plain HF loop | {r['vs_reference']['finetune']['samples']:.2f}x samples/s |" in text
+    assert saved["device"]["cpu"] in text  # the CPU's model and ISA flags with the figures
     assert sorted(p.name for p in out.parent.iterdir()) == ["speed.json", "speed.md"]
 
 
@@ -102,9 +114,10 @@ def test_without_crslab_only_the_simulator_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads(out.with_suffix(".json").read_text())
     assert positive(rep["results"]["simulator"]["conversations_s"])
-    assert set(rep["skipped"]) == {"pretrain", "crslab_bert", "store", "retrieval", "finetune", "evaluation"}
+    assert set(rep["skipped"]) == {"pretrain", "crslab_bert", "store", "retrieval", "finetune", "hf_reference",
+                                   "evaluation"}
     skips = [line for line in proc.stderr.splitlines() if line.startswith("speed.py: skipping")]
-    assert len(skips) == 6 and all("needs crslab" in line for line in skips)
+    assert len(skips) == 7 and all("needs crslab" in line for line in skips)
 
 
 def test_flops_peaks_and_device_names():

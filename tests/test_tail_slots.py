@@ -5,6 +5,7 @@ them on validation under its keep metric and restoring them, and the vote's own 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +114,20 @@ def test_pipeline_chooses_slots_on_validation_keeping_recall(plugin, backbone_pa
     # the test report's tail coverage reflects the slots: restored, the same lists again
     again = run(opt, restore_system=True)
     assert again.test["longtail"]["metrics"] == result.test["longtail"]["metrics"]
+    # with slots, the model's own lists are reported beside them, and compare shows both rows
+    if chosen["slots"]:
+        alone = result.test_variants["without_tail_slots"]
+        assert alone["n_samples"] == result.test["longtail"]["n_samples"]
+        assert alone["metrics"]["tail_coverage@50"] <= result.test["longtail"]["metrics"]["tail_coverage@50"]
+        from lotcrs_plugin.compare import read_result_rows
+
+        rows = read_result_rows(result.results_file)
+        assert [r.config for r in rows] == [Path(result.results_file).stem,
+                                            Path(result.results_file).stem + " (without tail slots)"]
+        assert rows[1].get("recall@10") == alone["metrics"]["recall@10"]
+        assert rows[0].get("commit") == result.commit
+    else:
+        assert "without_tail_slots" not in result.test_variants
 
 
 def test_the_votes_own_pretraining_is_run_once_and_named(plugin, backbone_paths, lotcrs_home):
@@ -134,3 +149,20 @@ def test_the_votes_own_pretraining_is_run_once_and_named(plugin, backbone_paths,
     bad["rerank"] = dict(knn_weight=0.5, knn_pretrain={"run_name": bad["lotcrs_pretrain"]["run_name"]})
     with pytest.raises(UserError, match="knn_pretrain.run_name"):
         run(bad)
+
+
+def test_fixed_slots_report_the_models_own_lists_beside_them(plugin, backbone_paths, lotcrs_home):
+    from lotcrs_plugin.compare import read_result_rows
+    from lotcrs_plugin.runner import run
+
+    opt = tiny_opt("bert", backbone_paths["bert"], pretrain=False, retrieval=False, run_name="t_slots_fixed")
+    opt["rerank"] = dict(knn_weight=0.0, knn_k=8, tail_slots={10: 2, 50: 10})
+    result = run(opt)
+    with_slots, alone = result.test["longtail"], result.test_variants["without_tail_slots"]
+    assert alone["n_samples"] == with_slots["n_samples"]
+    assert alone["metrics"]["tail_coverage@50"] < with_slots["metrics"]["tail_coverage@50"]
+    rows = read_result_rows(result.results_file)
+    stem = Path(result.results_file).stem
+    assert [r.config for r in rows] == [stem, stem + " (without tail slots)"]
+    assert rows[1].get("recall@10") == alone["metrics"]["recall@10"]
+    assert rows[0].get("commit") == result.commit != ""

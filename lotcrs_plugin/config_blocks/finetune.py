@@ -35,12 +35,16 @@ class FinetuneConfig:
     else the backbone's default: the space CCA shaped). teacher_epochs, teacher_lr,
     teacher_max_samples (0: all): training of the label-smoothness teacher (teacher_epochs 0 uses the
     pre-trained model as it is). max_train_batches: batches per epoch (0: all; for quick checks). pad_to_multiple_of:
-    dynamic padding granularity. num_workers: DataLoader processes. bf16: autocast where the device runs it fast (CUDA; a CPU with
+    dynamic padding granularity. bucket_pool: length-bucketed training batches, pools of this many
+    batches sorted by length, the batches then shuffled (0 or 1: off, the order of earlier versions;
+    lotcrs_plugin.data.length_buckets).
+    num_workers: DataLoader processes. bf16: autocast where the device runs it fast (CUDA; a CPU with
     AVX512_BF16 or AMX: lotcrs_plugin.hardware), fp32 elsewhere.
     resume: continue from the run's checkpoint. run_name: folder under <root>/save. log_every:
     optimizer steps between log lines. seed: -1 uses the top-level seed. threads: torch's intra-op
-    CPU threads while fit() runs (0: leave torch's setting; 1 suits tiny models and busy machines,
-    where OpenMP threads stall each other). ranker: model (LOT-CRS) | popularity |
+    CPU threads while fit() runs (0: torch's default, the physical cores or OMP_NUM_THREADS, cut to
+    the cores the load average leaves free: lotcrs_plugin.hardware.training_threads).
+    ranker: model (LOT-CRS) | popularity |
     repeat_popularity: training-free baselines on the same samples and evaluator (nothing is
     trained; lotcrs_plugin.model.sample_rankers).
     """
@@ -66,6 +70,9 @@ class FinetuneConfig:
     teacher_max_samples: int = 0
     max_train_batches: int = 0
     pad_to_multiple_of: int = 8
+    # 1.10x fine-tuning samples/s on INSPIRED (benchmarks/results/speed_cpu.md); off until a validation
+    # run shows the same quality with it (the result tables ran with 0)
+    bucket_pool: int = 0
     num_workers: int = 0
     bf16: bool = True
     resume: bool = False
@@ -95,7 +102,7 @@ class FinetuneConfig:
                     "log_every", "eval_chunk_elements"):
             need(getattr(self, key) >= 1, key, "at least 1")
         for key in ("impatience", "teacher_epochs", "teacher_max_samples", "max_train_batches", "num_workers",
-                    "threads"):
+                    "bucket_pool", "threads"):
             need(getattr(self, key) >= 0, key, "0 or more")
         need(self.max_length >= 16, "max_length", "at least 16")
         need(self.lr > 0, "lr", "positive")

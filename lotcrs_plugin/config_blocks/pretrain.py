@@ -38,11 +38,14 @@ class PretrainConfig:
     mean | first_last ('' = the backbone's default); projection: SimCSE MLP while training,
     true | false | auto (the backbone's default: on for bert). max_length: tokens per input,
     cut from the left. prompt: appended to CCA contexts. dmp_samples: prefixes | dialogs.
-    pad_to_multiple_of: dynamic padding granularity. num_workers: DataLoader processes. bf16:
+    pad_to_multiple_of: dynamic padding granularity. bucket_pool: length-bucketed batches, pools of
+    this many batches sorted by length, the batches then shuffled (0 or 1: off, the order of earlier versions;
+    lotcrs_plugin.data.length_buckets). num_workers: DataLoader processes. bf16:
     autocast where the device runs it fast (CUDA; a CPU with AVX512_BF16 or AMX), fp32 elsewhere. checkpoint_every: steps between checkpoints (0: epoch ends
     only). resume: continue from the run's checkpoint. run_name: folder under <root>/save.
     tensorboard: scalars under <root>/runs/<run name>. log_every: steps between log lines.
-    eval_max_batches: validation/test batches (0: all). seed: -1 uses the top-level seed.
+    eval_max_batches: validation/test batches (0: all). seed: -1 uses the top-level seed. threads:
+    torch's CPU threads while fit() runs (0: the free cores, lotcrs_plugin.hardware.training_threads).
     """
 
     data: str = "simulated"
@@ -66,6 +69,9 @@ class PretrainConfig:
     prompt: str = DEFAULT_PROMPT
     dmp_samples: str = "prefixes"
     pad_to_multiple_of: int = 8
+    # 1.48x pre-training samples/s on INSPIRED (benchmarks/results/speed_cpu.md); off until a validation
+    # run shows the same quality with it (the result tables ran with 0)
+    bucket_pool: int = 0
     num_workers: int = 0
     bf16: bool = True
     checkpoint_every: int = 500
@@ -75,6 +81,7 @@ class PretrainConfig:
     log_every: int = 50
     eval_max_batches: int = 100
     seed: int = -1
+    threads: int = 0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "PretrainConfig":
@@ -96,7 +103,8 @@ class PretrainConfig:
         need(self.dmp_samples in DMP_MODES, "dmp_samples", " or ".join(DMP_MODES))
         for key in ("epochs", "batch_size", "grad_accumulation", "pad_to_multiple_of"):
             need(getattr(self, key) >= 1, key, "at least 1")
-        for key in ("max_steps", "cca_batch_size", "num_workers", "checkpoint_every", "eval_max_batches"):
+        for key in ("max_steps", "cca_batch_size", "num_workers", "checkpoint_every", "eval_max_batches",
+                    "bucket_pool", "threads"):
             need(getattr(self, key) >= 0, key, "0 or more")
         need(self.log_every >= 1, "log_every", "at least 1")
         need(self.max_length >= 8, "max_length", "at least 8")

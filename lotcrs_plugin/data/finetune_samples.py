@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lotcrs_plugin.data.context_evidence import EvidenceBatch, EvidenceBuilder
+from lotcrs_plugin.data.length_buckets import bucketed_order
 from lotcrs_plugin.data.pretrain_samples import TurnTable, cca_index, collate
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones.base import InputFormat, TokenBatch
@@ -210,18 +211,22 @@ def first(batch: list[FinetuneBatch]) -> FinetuneBatch:
 class IndexBatches:
     """Index arrays of one epoch from batch ``start`` on.
 
-    shuffle: a permutation drawn from (seed, epoch), so a resumed epoch yields the same batches.
-    Without shuffle, rows are grouped by length (``lengths``) to cut padding; every row comes once.
-    limit: at most this many batches (0: all).
+    shuffle: a permutation drawn from (seed, epoch), so a resumed epoch yields the same batches;
+    with ``bucket_pool`` > 1 and ``lengths``, regrouped into length-sorted batches in shuffled
+    order (lotcrs_plugin.data.length_buckets). Without shuffle, rows are sorted by length
+    (``lengths``) to cut padding; every row comes once. limit: at most this many batches (0: all).
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                 lengths: np.ndarray | None = None, start: int = 0, limit: int = 0):
+                 lengths: np.ndarray | None = None, start: int = 0, limit: int = 0, bucket_pool: int = 0):
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, not {batch_size}")
         self.n, self.batch_size, self.start = int(n), int(batch_size), int(start)
         if shuffle:
-            self.order = np.random.default_rng([seed, epoch]).permutation(self.n)
+            rng = np.random.default_rng([seed, epoch])
+            self.order = rng.permutation(self.n)
+            if bucket_pool > 1 and lengths is not None:
+                self.order = bucketed_order(self.order, lengths, self.batch_size, bucket_pool, rng)
         elif lengths is not None:
             self.order = np.argsort(np.asarray(lengths), kind="stable")
         else:

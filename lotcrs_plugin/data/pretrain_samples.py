@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from lotcrs_plugin.data.length_buckets import bucketed_order
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones.base import ITEM_TOKEN, InputFormat, TokenBatch
 
@@ -226,6 +227,18 @@ class _Marker:
         return "".join(pieces), spans, mentioned
 
 
+def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text, no special tokens. A fast tokenizer's Rust backend
+    is called directly: transformers' own call gives the same ids and offsets but converts every
+    encoding in Python, half of the tokenization time."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "is_fast", False):
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
 def tokenize_dialogs(dialogs: Iterable[Mapping[str, Any]], tokenizer: Any, sep_ids: Sequence[int],
                      items: ItemVocab, entity2id: Mapping[str, int]) -> TurnTable:
     """Tokenize every turn of ``dialogs`` once (see the module docstring).
@@ -261,12 +274,12 @@ def tokenize_dialogs(dialogs: Iterable[Mapping[str, Any]], tokenizer: Any, sep_i
     ids_parts, off_parts, count_parts = [], [], []
     chain = itertools.chain.from_iterable
     for lo in range(0, len(texts), _CHUNK):  # chunks bound the memory of the tokenizer's lists
-        enc = tokenizer(texts[lo:lo + _CHUNK], add_special_tokens=False, return_offsets_mapping=True)
-        counts = np.fromiter(map(len, enc["input_ids"]), dtype=np.int64, count=len(enc["input_ids"]))
+        ids, offs = _encode(tokenizer, texts[lo:lo + _CHUNK])
+        counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         n = int(counts.sum())
         count_parts.append(counts)
-        ids_parts.append(np.fromiter(chain(enc["input_ids"]), dtype=np.int64, count=n))
-        off_parts.append(np.fromiter(chain(chain(enc["offset_mapping"])), dtype=np.int64, count=2 * n).reshape(-1, 2))
+        ids_parts.append(np.fromiter(chain(ids), dtype=np.int64, count=n))
+        off_parts.append(np.fromiter(chain(chain(offs)), dtype=np.int64, count=2 * n).reshape(-1, 2))
     n_turns = len(texts)
     counts_arr = np.concatenate(count_parts) if count_parts else np.zeros(0, np.int64)
     flat_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
@@ -463,6 +476,18 @@ class PretrainData(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dmp)
 
+    def dmp_lengths(self) -> np.ndarray:
+        """(n_dmp,) the length of each DMP row (cheap: from the turn offsets)."""
+        t, d = self.table, self.dmp
+        n_ctx = t.turn_offsets[d[:, 1] + 1] - t.turn_offsets[d[:, 0]]
+        return np.minimum(n_ctx + len(self.fmt.bos_ids), self.fmt.max_length)
+
+    def cca_lengths(self) -> np.ndarray:
+        """(n_contexts,) the length of each CCA row (context, prompt and sep)."""
+        t, c = self.table, self.cca.contexts
+        fixed = len(self.fmt.bos_ids) + len(self.fmt.prompt_ids) + len(self.fmt.sep_ids)
+        return np.minimum(t.turn_offsets[c[:, 1]] - t.turn_offsets[c[:, 0]] + fixed, self.fmt.max_length)
+
     def _slice(self, first_turn: int, end_turn: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         t = self.table
         lo, hi = t.turn_offsets[first_turn], t.turn_offsets[end_turn]
@@ -507,11 +532,17 @@ class PretrainBatchSampler:
     The epoch walks the primary task once: the DMP samples (shuffled) when DMP is on, else every
     pairable CCA context once as an anchor. With both on, CCA batches follow their own epochs
     (cycles) alongside. A CCA anchor's positive is another context of the same target, drawn at
-    random.
+    random. ``bucket_pool`` > 1 with ``dmp_lengths`` / ``cca_lengths`` (per DMP sample / CCA
+    context): the shuffled DMP samples and CCA pairs are regrouped into length-sorted batches in
+    shuffled order (lotcrs_plugin.data.length_buckets; a pair counts with its longer side).
     """
 
     def __init__(self, n_dmp: int, cca: CCAIndex | None, batch_size: int, cca_batch_size: int, *, seed: int,
-                 epoch: int = 0, start: int = 0, use_dmp: bool = True, use_cca: bool = True, shuffle: bool = True):
+                 epoch: int = 0, start: int = 0, use_dmp: bool = True, use_cca: bool = True, shuffle: bool = True,
+                 bucket_pool: int = 0, dmp_lengths: np.ndarray | None = None,
+                 cca_lengths: np.ndarray | None = None):
+        self.bucket_pool = bucket_pool if shuffle else 0
+        self.dmp_lengths, self.cca_lengths = dmp_lengths, cca_lengths
         self.n_dmp = n_dmp if use_dmp else 0
         self.cca = cca if use_cca else None
         self.anchors = self.cca.pairable if self.cca is not None else np.zeros(0, np.int64)
@@ -541,6 +572,10 @@ class PretrainBatchSampler:
             shift = 1 + (rng.random(len(anchors)) * (sizes - 1)).astype(np.int64)
             partner = cca.members[cca.group_offsets[g] + (cca.position[anchors] + shift) % sizes]
             pairs = np.stack([anchors, partner], 1)
+            if self.bucket_pool > 1 and self.cca_lengths is not None:
+                longer = np.maximum(self.cca_lengths[anchors], self.cca_lengths[partner])
+                pairs = pairs[bucketed_order(np.arange(len(pairs)), longer, self.cca_batch_size,
+                                             self.bucket_pool, rng)]
             self._cycles = {cycle: pairs}  # keep one cycle
         return pairs
 
@@ -551,7 +586,10 @@ class PretrainBatchSampler:
     def __iter__(self) -> Iterator[list[BatchSpec]]:
         order = None
         if self.use_dmp:
-            order = self._rng(0).permutation(self.n_dmp) if self.shuffle else np.arange(self.n_dmp)
+            rng = self._rng(0)
+            order = rng.permutation(self.n_dmp) if self.shuffle else np.arange(self.n_dmp)
+            if self.bucket_pool > 1 and self.dmp_lengths is not None:
+                order = bucketed_order(order, self.dmp_lengths, self.batch_size, self.bucket_pool, rng)
         for i in range(self.start, self.n_batches):
             spec = BatchSpec()
             if order is not None:

@@ -4,7 +4,10 @@ Nothing is downloaded. A catalog of items with generated names and attributes (g
 people as director / star / writer) becomes an entity KG; conversations alternate Seeker and
 Recommender turns built from small English templates that mention items, genres, people and
 mood words; item mentions follow a Zipf-shaped popularity, so a few head items get most
-mentions, as in ReDial. The result is written in the processed layout (docs/DATA_LAYOUT.md) to
+mentions, as in ReDial. As in real CRS data, what the seeker asks for decides what is recommended:
+the seeker turn before each recommendation names a genre and a person of the recommended item
+(the pair of its attributes that fewest catalog items share, most often that item alone), so a model that
+knows the items' attributes can find tail items from the context. The result is written in the processed layout (docs/DATA_LAYOUT.md) to
 ``<root>/data/dataset/synthetic/<key>/``, where ``key`` hashes the settings, and read back by
 :class:`lotcrs_plugin.data.processed.ProcessedDataset`.
 
@@ -41,11 +44,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lotcrs_plugin.data.synthetic_preferences import preference_stats, telling_pairs
 from lotcrs_plugin.errors import UserError
 
 NAME = "synthetic"
 # Bump when the generated content changes for the same settings: it is part of the cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: stated preferences decide the recommended item
 FORMAT = "lotcrs-processed"
 FORMAT_VERSION = 1
 
@@ -223,6 +227,21 @@ ACTS: dict[str, tuple[str, int, tuple[str, ...]]] = {
         "I am a big fan of {star}.",
         "Something {mood} would be nice.",
     )),
+    # the seeker's stated preference right before a recommendation: a genre and the most telling
+    # person of the item to come (one act per person kind, so the kind follows the person chosen)
+    "s_pref_star": (SEEKER, FOCUS_NEXT, (
+        "I like {genre} movies with {star}.",
+        "Do you know a {genre} movie with {star}?",
+        "Any {genre} film with {star}?",
+    )),
+    "s_pref_director": (SEEKER, FOCUS_NEXT, (
+        "Any {genre} movie directed by {director}?",
+        "I love {genre} films directed by {director}.",
+    )),
+    "s_pref_writer": (SEEKER, FOCUS_NEXT, (
+        "I usually enjoy {genre} films written by {writer}.",
+        "Any {genre} movie written by {writer}?",
+    )),
     "s_react": (SEEKER, FOCUS_LAST, (
         "I have not seen {item}. Is it good?",
         "Oh, I have seen that one already. Anything else?",
@@ -265,6 +284,9 @@ ACTS: dict[str, tuple[str, int, tuple[str, ...]]] = {
 }
 ACT_IDS = {name: i for i, name in enumerate(ACTS)}
 PERSON_SLOTS = ("star", "director", "writer")
+# _dialogs picks a preference act as s_pref_star + the person's kind (index into PERSON_SLOTS)
+if [ACT_IDS[f"s_pref_{k}"] - ACT_IDS["s_pref_star"] for k in PERSON_SLOTS] != [0, 1, 2]:
+    raise AssertionError("the s_pref_<kind> acts must follow PERSON_SLOTS' order")
 
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]")
 _SLOT_RE = re.compile(r"\{(\w+)\}")
@@ -454,9 +476,14 @@ class _Dialogs:
     genre: np.ndarray
     person: np.ndarray
     mood: np.ndarray       # 0/1: which of the genre's two moods
+    pref: np.ndarray       # (n_conv, T) bool: a stated preference (genre + person) for the next item
 
 
 def _dialogs(cfg: SyntheticConfig, cat: _Catalog, rng: np.random.Generator) -> _Dialogs:
+    """Acts, then focus items, then slot values. As in real CRS dialogs, the seeker's stated
+    preferences decide what is recommended: the seeker turn before each recommendation names a genre
+    and a person of the item that follows, the pair that fewest catalog items share, while the
+    recommended items themselves follow the long-tailed popularity."""
     C, T = cfg.n_conversations, cfg.turns
     pos = np.broadcast_to(np.arange(T), (C, T))
     seeker = pos % 2 == 0
@@ -466,7 +493,7 @@ def _dialogs(cfg: SyntheticConfig, cat: _Catalog, rng: np.random.Generator) -> _
                    np.select([u < 0.4, u < 0.7], [a["s_liked"], a["s_attr"]], a["s_react"]),
                    np.where(u < 0.75, a["r_rec"], a["r_info"]))
     act[:, 0] = a["s_open"]
-    act[:, 1] = np.where(u[:, 1] < 0.6, a["r_ask"], a["r_rec"])
+    act[:, 1] = a["r_ask"]  # the recommender asks for preferences before recommending
     act[:, T - 1] = a["s_bye"] if (T - 1) % 2 == 0 else a["r_bye"]
     # the first informing turn with nothing recommended yet becomes the first recommendation
     rec_or_info = (act == a["r_rec"]) | (act == a["r_info"])
@@ -478,16 +505,23 @@ def _dialogs(cfg: SyntheticConfig, cat: _Catalog, rng: np.random.Generator) -> _
     act[~has, last_r] = a["r_rec"]
     is_rec = act == a["r_rec"]
     n_rec_before = np.cumsum(is_rec, axis=1) - is_rec
+    # targets and liked items follow the long-tailed popularity
+    targets = rng.choice(cfg.n_items, size=(C, T), p=cat.popularity)
+    liked = rng.choice(cfg.n_items, size=(C, T), p=cat.popularity)
+    next_t = np.take_along_axis(targets, np.minimum(n_rec_before, T - 1), 1)
+    # the seeker turn right before a recommendation states the preference that decides it
+    pref = np.zeros((C, T), dtype=bool)
+    pref[:, :-1] = is_rec[:, 1:]
+    pref &= seeker & (pos > 0)
+    tell_genre, tell_person, tell_kind = telling_pairs(cat, cfg.n_genres, cfg.n_people, rng)
+    which = (rng.random((C, T)) < 0.5).astype(np.int64)  # one of the item's two most telling pairs
+    act = np.where(pref, a["s_pref_star"] + tell_kind[next_t, which], act)
     act[(act == a["s_react"]) & (n_rec_before == 0)] = a["s_liked"]
     is_liked = act == a["s_liked"]
     n_liked_before = np.cumsum(is_liked, axis=1) - is_liked
 
     template = _ACT_START[act] + (rng.random((C, T)) * _ACT_COUNT[act]).astype(np.int64)
-    # targets and liked items follow the long-tailed popularity
-    targets = rng.choice(cfg.n_items, size=(C, T), p=cat.popularity)
-    liked = rng.choice(cfg.n_items, size=(C, T), p=cat.popularity)
     focus_kind = _ACT_FOCUS[act]
-    next_t = np.take_along_axis(targets, np.minimum(n_rec_before, T - 1), 1)
     last_t = np.take_along_axis(targets, np.maximum(n_rec_before - 1, 0), 1)
     liked_i = np.take_along_axis(liked, n_liked_before, 1)
     item = np.select([focus_kind == FOCUS_NEXT, focus_kind == FOCUS_LAST], [next_t, last_t], liked_i)
@@ -497,10 +531,12 @@ def _dialogs(cfg: SyntheticConfig, cat: _Catalog, rng: np.random.Generator) -> _
     star = cat.stars[item, (r_star * cat.n_stars_of[item]).astype(np.int64)]
     kind = np.array([t.person for t in TEMPLATES])[template]
     person = np.select([kind == 1, kind == 2], [cat.director[item], cat.writer[item]], star)
+    genre = np.where(pref, tell_genre[next_t, which], genre)
+    person = np.where(pref, tell_person[next_t, which], person)
     mood = (r_mood < 0.5).astype(np.int32)
     # int32 halves what a 1M-dialog dataset holds while its text is written
     return _Dialogs(template.astype(np.int32), item.astype(np.int32), genre.astype(np.int32),
-                    person.astype(np.int32), mood)
+                    person.astype(np.int32), mood, pref)
 
 
 _CHUNK = 20_000  # dialogs formatted at a time
@@ -660,6 +696,8 @@ def generate(cfg: SyntheticConfig, dest: str | os.PathLike) -> Path:
                    "key": cfg.key(), "config": asdict(cfg)},
         "splits": {"train": n_train, "valid": n_valid, "test": n_test},
         "tail": {"definition": f"source_mentions <= {threshold}", "threshold": threshold},
+        "preferences": preference_stats(cat, cfg.n_genres, cfg.n_people, dia.genre, dia.person, dia.pref,
+                                        np.array([t.role == RECOMMENDER and t.has_item for t in TEMPLATES])[dia.template]),
     }
     # written last: its presence marks a complete folder
     _write(dest / "dataset.json", json.dumps(manifest, indent=2) + "\n")

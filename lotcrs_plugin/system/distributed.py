@@ -206,7 +206,9 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device is not None and self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids,
+        # broadcast_buffers off: the model's buffers are constants (the evidence term's sparse KG
+        # tables, which DDP cannot broadcast), identical in every process from construction
+        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
                                        find_unused_parameters=self.config.find_unused_parameters)
 
     @staticmethod

@@ -113,11 +113,17 @@ class FineTuner:
         batches = self.samples.batches(self.samples.data("train"), train=True, epoch=self.epoch,
                                        limit=cfg.max_train_batches, micro=micro)
         step = (lambda batch, scale: self.train_step(batch.to(self.device, non_blocking=True), scale))
-        for _ in loop.steps(micro, batches, step, sums, self.ddp):
+        from tqdm.auto import tqdm  # the bar's total: the micro-batches this epoch really runs
+
+        bar = tqdm(total=len(micro), desc=f"fine-tune epoch {self.epoch}", unit="batch", leave=False,
+                   dynamic_ncols=True, disable=not dist.is_main)
+        for mb in loop.steps(micro, batches, step, sums, self.ddp):
+            bar.update(mb.end - bar.n)
             if loop.global_step % cfg.log_every == 0:
                 seen, count = sums.total(dist)
                 logger.info(f"[lotcrs] step {loop.global_step}/{loop.total_steps}: "
                             + ", ".join(f"{k} {v / max(1, count):.4f}" for k, v in sorted(seen.items())))
+        bar.close()
         seen, n = sums.total(dist)
         return {k: v / max(1, n) for k, v in seen.items()}
 
@@ -145,6 +151,21 @@ class FineTuner:
             self.score_batch(batch.to(self.device, non_blocking=True))
         self.evaluator.report(epoch=epoch, mode=mode)
         self.model.train(was)
+
+    @torch.no_grad()
+    def quiet_report(self, split: str) -> dict[str, Any] | None:
+        """The long-tail report of ``split`` as it is scored now, kept out of the run's reports."""
+        if not hasattr(self.evaluator, "longtail_report"):
+            return None
+        was = self.model.training
+        self.model.eval()
+        self.evaluator.reset_metrics()
+        for batch in self.samples.batches(self.samples.data(split), train=False):
+            self.score_batch(batch.to(self.device, non_blocking=True))
+        report = self.evaluator.longtail_report(-1, split)
+        self.evaluator.reset_metrics()
+        self.model.train(was)
+        return report
 
     def validate(self, epoch: int) -> float | None:
         """The selection score on validation: process 0 scores it, every process receives it (the

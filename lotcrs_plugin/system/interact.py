@@ -38,21 +38,31 @@ def recommend(model: Any, turns: Iterable[Mapping[str, Any]], entity2id: Mapping
 
 
 def console(items: Any, get_input: Callable[[], str], finished: Callable[[], bool],
-            recommend_after: Callable[[list[dict[str, Any]]], list[int]]) -> None:
-    """A console dialog: each message (items named by their title) gets the top item and four more."""
+            recommend_after: Callable[[list[dict[str, Any]]], list[int]], *,
+            link: Callable[[str], list[str]] | None = None,
+            reply: Callable[[list[dict[str, Any]], int], str] | None = None) -> None:
+    """A console dialog: each message (items named by their title; ``link``: its attribute words as
+    entities, as a test turn has them) gets the top item and four more; ``reply``: the
+    conversation stage's response naming the top item (else a fixed sentence)."""
     shown = [n.lower() for n in items.display_names]
     turns: list[dict[str, Any]] = []
     while True:
-        text = get_input()
+        try:
+            text = get_input()
+        except EOFError:  # the end of a script's standard input
+            print()
+            break
         if finished():
             break
         low = text.lower()
         movies = [items.entity_names[i] for i, name in enumerate(shown) if name in low]
-        turns.append({"role": "Seeker", "raw_text": text, "text": low.split(), "movies": movies, "entity": []})
+        turns.append({"role": "Seeker", "raw_text": text, "text": low.split(), "movies": movies,
+                      "entity": link(text) if link is not None else []})
         top = recommend_after(turns)
-        reply = f"You should watch {items.display_names[top[0]]}."
-        print(f"Recommender: {reply} (also: {'; '.join(items.display_names[i] for i in top[1:5])})")
-        turns.append({"role": "Recommender", "raw_text": reply, "text": reply.lower().split(),
+        reply_text = (reply(turns, top[0]) if reply is not None
+                      else f"You should watch {items.display_names[top[0]]}.")
+        print(f"Recommender: {reply_text} (also: {'; '.join(items.display_names[i] for i in top[1:5])})")
+        turns.append({"role": "Recommender", "raw_text": reply_text, "text": reply_text.lower().split(),
                       "movies": [items.entity_names[top[0]]], "entity": []})
 
 

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping
 
 from lotcrs_plugin import compat
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.hardware import bf16_autocast_pays, cpu_info
+from lotcrs_plugin.hardware import bf16_autocast_pays, cpu_info, training_threads
 
 compat.apply()  # crslab is imported only through the patches
 
@@ -59,6 +59,7 @@ from lotcrs_plugin.model.lotcrs import MODEL_NAME, LOTCRSModel  # noqa: E402
 from lotcrs_plugin.model.retrieval import MemoryStore  # noqa: E402
 from lotcrs_plugin.model.smoothing import SmoothingConfig, TeacherScores  # noqa: E402
 from lotcrs_plugin.system import distributed, interact, saved  # noqa: E402
+from lotcrs_plugin.system.conversation import ConversationStage, LOTCRSView  # noqa: E402
 from lotcrs_plugin.system.finetune import CHECKPOINT, FineTuner  # noqa: E402
 from lotcrs_plugin.system.rerank import Reranker, knn_pretrain_config  # noqa: E402
 from lotcrs_plugin.system.samples import RecSamples, autocast  # noqa: E402
@@ -98,6 +99,8 @@ class LOTCRSSystem(BaseSystem):
         self.autocast = self.cfg.bf16 and bf16_autocast_pays(self.device)
         self.pretrained_from: str | None = None
         self.timings: dict[str, float] = {}
+        # name -> long-tail test report of a variant of the tested model (e.g. without tail slots)
+        self.test_variants: dict[str, Any] = {}
         self.dist = distributed.current()  # one process unless torchrun started several
         evaluator = getattr(self, "evaluator", None)  # none when interacting
         self.samples = RecSamples(model, self.cfg, opt, self.entity2id, seed=self.seed, dist=self.dist,
@@ -117,6 +120,11 @@ class LOTCRSSystem(BaseSystem):
                 raise UserError("rerank.tail_slots: needs `evaluator: longtail`, whose longtail: block "
                                 "defines the tail items; set it, or tail_slots: null")
             model.tail_items = torch.as_tensor(np.asarray(catalog.is_tail, dtype=bool))
+        # the conversation stage (conversation: block; lotcrs_plugin/system/conversation.py), None when off
+        self.conversation = ConversationStage.from_opt(opt, active_layout().save, f"{self.run_name}_conv", self.device,
+                                                       self.seed)
+        if self.conversation is not None and restore_system:
+            self.conversation.load(Path(self.model_file).with_suffix(".conv"))
 
     # -- what the stages share, and CRSLab's interface
 
@@ -131,6 +139,15 @@ class LOTCRSSystem(BaseSystem):
 
     def _autocast(self) -> Any:
         return autocast(self.device, self.autocast)
+
+    @property
+    def folder(self) -> Path:
+        """The dataset's processed folder."""
+        return self.samples.folder
+
+    def encode_store_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values) of simulated samples with the current backbone (the store's encoding)."""
+        return self.stores.encode(rows)
 
     def step(self, batch, stage, mode, *, scale: float = 1.0):
         """Train: the loss of one micro-batch, backpropagated; returns its parts. Valid/test: item
@@ -205,15 +222,21 @@ class LOTCRSSystem(BaseSystem):
     def test(self) -> None:
         """Test the best validation epoch's model (the last one when selection is off or no
         epoch had a defined score), with the store of that model and the re-ranker's choices."""
-        if self.restored:
-            self.tuner.evaluate("test")
-            return
-        self.tuner.load_best()
-        if self.model.uses_retrieval and self.cfg.store_refresh == "epoch":
-            self.stores.refresh()  # the store of the tested model
-        if self.model.knn is not None:
-            self.rerank.choose()
+        if not self.restored:
+            self.tuner.load_best()
+            if self.model.uses_retrieval and self.cfg.store_refresh == "epoch":
+                self.stores.refresh()  # the store of the tested model
+            if self.model.knn is not None:
+                self.rerank.choose()
         self.tuner.evaluate("test")
+        voter = self.model.knn
+        if voter is not None and voter.tail_slots and any(voter.tail_slots.values()):
+            # the same model's test lists without the tail slots: what the model itself ranks
+            slots, voter.tail_slots = voter.tail_slots, None
+            try:
+                self.test_variants["without_tail_slots"] = self.tuner.quiet_report("test")
+            finally:
+                voter.tail_slots = slots
 
     def selection_summary(self) -> dict[str, Any] | None:
         """What the results JSON records under ``selection`` (None: selection is off)."""
@@ -223,8 +246,7 @@ class LOTCRSSystem(BaseSystem):
 
     def fit(self) -> None:
         threads = torch.get_num_threads()
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
+        torch.set_num_threads(training_threads(self.cfg.threads))  # 0: the free cores (lotcrs_plugin.hardware)
         try:
             self._fit()
         finally:
@@ -239,6 +261,8 @@ class LOTCRSSystem(BaseSystem):
             logger.info(f"[lotcrs] restored system from {self.model_file}: testing it")
             if dist.is_main:
                 self.test()
+                if self.conversation is not None:
+                    self.conversation.test(LOTCRSView(self))
             dist.barrier()
             return
         if self.model.ranker is not None:  # a training-free baseline: nothing to train or select
@@ -288,6 +312,8 @@ class LOTCRSSystem(BaseSystem):
             self.test()
             self.timings["total_s"] = round(time.perf_counter() - started, 2)
             self.write_summary()
+            if self.conversation is not None:  # after the recommender: its items fill the replies
+                self.conversation.fit(LOTCRSView(self))
         dist.barrier()
 
     # -- checkpoints (the training loop's, lotcrs_plugin.system.loop, with what the run is)
@@ -325,6 +351,8 @@ class LOTCRSSystem(BaseSystem):
     def save_model(self) -> None:
         """The model (the tested one), its memory store and its vote."""
         saved.save_system(self.model, self.model_file)
+        if self.conversation is not None:
+            self.conversation.save(Path(self.model_file).with_suffix(".conv"))
 
     def restore_model(self) -> None:
         """Load a system written by :meth:`save_model` (called by BaseSystem.__init__, before this
@@ -343,7 +371,7 @@ class LOTCRSSystem(BaseSystem):
                           "best_score": tuner.best_score, "epochs_run": tuner.epoch, "early_stopped": tuner.stopped},
             **self.rerank.summary(),
             "history": tuner.history, "timings": self.timings, "config": asdict(self.cfg),
-            "test": getattr(self.evaluator, "last_report", None),
+            "test": getattr(self.evaluator, "last_report", None), "test_variants": self.test_variants,
         }
         path = self.run_dir / "finetune.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,9 +390,15 @@ class LOTCRSSystem(BaseSystem):
         """A console dialog: each message (items named by their title) gets the top item and four more."""
         from crslab.data import dataset_language_map
 
+        from lotcrs_plugin.data.entity_linking import AttributeLinker
+
         language = dataset_language_map.get(self.opt["dataset"], "en")
         self.finished = False
-        interact.console(self.model.items, lambda: self.get_input(language), lambda: self.finished, self.recommend)
+        conversation = self.conversation
+        reply = (None if conversation is None else
+                 lambda turns, item: conversation.reply(LOTCRSView(self), turns, item))
+        interact.console(self.model.items, lambda: self.get_input(language), lambda: self.finished, self.recommend,
+                         link=AttributeLinker.from_folder(self.folder), reply=reply)
 
 
 __all__ = ["BLOCK", "FinetuneConfig", "LOTCRSModel", "LOTCRSSystem", "MODEL_NAME"]

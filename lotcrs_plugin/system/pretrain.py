@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping
 
 from lotcrs_plugin import compat
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.hardware import bf16_autocast_pays
+from lotcrs_plugin.hardware import bf16_autocast_pays, training_threads
 
 compat.apply()  # crslab is imported only through the patches
 
@@ -130,9 +130,13 @@ class LOTCRSPretrainSystem(BaseSystem):
 
     def sampler(self, split: str, epoch: int, start: int = 0, shuffle: bool = True) -> PretrainBatchSampler:
         d = self.data(split)
+        pool = self.cfg.bucket_pool if shuffle else 0
+        lengths = ({"dmp_lengths": d.dmp_lengths(), "cca_lengths": d.cca_lengths() if d.cca is not None else None}
+                   if pool > 1 else {})
         return PretrainBatchSampler(len(d.dmp), d.cca, self.cfg.batch_size, self.cfg.pairs_per_batch,
                                     seed=self.seed, epoch=epoch, start=start, use_dmp=self.use_dmp,
-                                    use_cca=self.use_cca, shuffle=shuffle)
+                                    use_cca=self.use_cca, shuffle=shuffle, bucket_pool=pool,
+                                    **lengths)
 
     def loader(self, split: str, sampler: PretrainBatchSampler) -> torch.utils.data.DataLoader:
         workers = self.cfg.num_workers
@@ -174,6 +178,12 @@ class LOTCRSPretrainSystem(BaseSystem):
 
     def optimizer_step(self) -> None:
         self.loop.optimizer_step()
+
+    @property
+    def last_step(self) -> int:
+        """The optimizer step training stops at: max_steps when it cuts the epochs short."""
+        total = self.loop.total_steps
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
 
     @property
     def global_step(self) -> int:
@@ -243,6 +253,14 @@ class LOTCRSPretrainSystem(BaseSystem):
     # -- the loops
 
     def fit(self) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(training_threads(self.cfg.threads))
+        try:
+            self._fit()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self) -> None:
         dist = self.dist
         dist.check_accumulation(self.cfg.grad_accumulation, f"{BLOCK}.grad_accumulation")
         with dist.main_first():  # process 0 simulates the dialogs (a cache), the others read them
@@ -277,16 +295,20 @@ class LOTCRSPretrainSystem(BaseSystem):
         if cfg.max_steps and self.global_step >= cfg.max_steps:  # a finished run, resumed: not one step more
             logger.info(f"[pretrain] {self.run_name}: already at max_steps {cfg.max_steps}; nothing to train")
             return
-        logger.info(f"[pretrain] {self.run_name}: {self.steps_per_epoch()} steps per epoch, {cfg.epochs} epochs, "
-                    f"effective batch {cfg.batch_size * acc}{processes}, device {self.device}, bf16 autocast {self.autocast}")
+        stops = f" (stops at max_steps {self.last_step})" if self.last_step < self.loop.total_steps else ""
+        logger.info(f"[pretrain] {self.run_name}: {self.steps_per_epoch()} steps per epoch, {cfg.epochs} epochs{stops}, "
+                    f"effective batch {cfg.batch_size * acc}{processes}, device {self.device}, bf16 autocast {self.autocast}, "
+                    f"{torch.get_num_threads()} threads")
         while self.epoch < cfg.epochs:
             sampler = self.sampler("train", self.epoch, start=self.batch_in_epoch)
             n_batches, start = sampler.n_batches, sampler.start
             micro = dist.plan(n_batches, start, acc)  # this process's share (all of it in one process)
             self.model.train()
             sums = LossSums(as_float=False)  # tensors until a log line: no sync per micro-batch
-            bar = tqdm(total=n_batches, initial=start, desc=f"pretrain epoch {self.epoch}", dynamic_ncols=True,
-                       leave=False, disable=not dist.is_main)
+            # the bar's total is where this epoch really ends (max_steps may stop it early), so its ETA is true
+            end = epoch_end(n_batches, start, acc, self.last_step - self.global_step)
+            bar = tqdm(total=end, initial=start, desc=f"pretrain epoch {self.epoch}", unit="batch",
+                       dynamic_ncols=True, leave=False, disable=not dist.is_main)
             stopped = False
             step = (lambda batch, scale: self.step(batch, STAGE, "train", scale=scale))
             for mb in self.loop.steps(micro, self.loader("train", dist.shard(sampler, micro)), step, sums, self.ddp):
@@ -318,7 +340,7 @@ class LOTCRSPretrainSystem(BaseSystem):
         lr = self.loop.scheduler.get_last_lr()[0]
         text = ", ".join(f"{k} {v:.4f}" for k, v in sorted(self.last.items()))
         bar.set_postfix_str(text)
-        logger.info(f"[pretrain] step {self.global_step}/{self.loop.total_steps} lr {lr:.2e}: {text}")
+        logger.info(f"[pretrain] step {self.global_step}/{self.last_step} lr {lr:.2e}: {text}")
         if writer is not None:
             for k, v in self.last.items():
                 writer.add_scalar(f"train/{k}", v, self.global_step)
@@ -357,6 +379,13 @@ class LOTCRSPretrainSystem(BaseSystem):
 
     def interact(self) -> None:
         raise UserError("the pre-training system does not converse; fine-tune the backbone first")
+
+
+def epoch_end(n_batches: int, start: int, accumulation: int, steps_left: int) -> int:
+    """The micro-batch position where an epoch of ``n_batches`` that resumes at ``start`` ends
+    when at most ``steps_left`` optimizer steps remain (steps hold ``accumulation`` micro-batches
+    from position 0 on, as distributed.plan groups them; the epoch's last may be short)."""
+    return min(n_batches, (start // accumulation + max(0, steps_left)) * accumulation)
 
 
 def run_pretraining(opt: Any, backbone_path: Any, overrides: Mapping[str, Any] | None, *, loaders: tuple,

@@ -99,8 +99,8 @@ class RecSamples:
         """Shuffled by seed and epoch for training, by length otherwise; micro: only the batches at
         these positions (this process's share, distributed.plan)."""
         size = batch_size or (self.cfg.batch_size if train else self.cfg.eval_batch_size)
-        order = IndexBatches(len(data), size, seed=self.seed, epoch=epoch, shuffle=train,
-                             lengths=None if train else data.lengths(), limit=limit)
+        order = IndexBatches(len(data), size, seed=self.seed, epoch=epoch, shuffle=train, lengths=data.lengths(),
+                             limit=limit, bucket_pool=self.cfg.bucket_pool if train else 0)
         if micro is not None:
             order = self.dist.shard(order, micro)
         return loader(data, order, num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",

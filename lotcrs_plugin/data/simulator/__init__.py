@@ -6,8 +6,10 @@ mentioned ones included, the same number of simulated conversations that lead to
     for dialog in iter_simulated(folder): ...   # {conv_id, dialog: [turn, ...]} as train_data.json
 
 Modules: config (the `simulation:` block), templates (built-in set, template files), mining
-(templates from the real training dialogs), threads (attribute / related-item paths to the
-target), render (JSON assembly), core (generation, statistics, cache). Importing this package
+(templates from the real training dialogs), mentions (names and genre words in a text),
+threads (attribute / related-item paths to the target), render (JSON assembly), core
+(generation, statistics, cache), reading (the simulated folder), consistency (do the dialogs keep
+to their threads?). Importing this package
 imports only the config; numpy and the rest load on first use.
 """
 
@@ -21,7 +23,7 @@ _LAZY = {
     "simulate": "core", "find_simulated": "core", "iter_simulated": "core", "load_simulated": "core", "load_stats": "core",
     "generate": "core", "gini": "core", "DATA_FILE": "core", "STATS_FILE": "core",
     "Template": "templates", "BUILTIN": "templates", "load_template_file": "templates",
-    "mine_templates": "mining",
+    "mine_templates": "mining", "ThreadChecker": "consistency", "NameMatcher": "mentions",
 }
 
 

@@ -17,13 +17,17 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from lotcrs_plugin.data.catalog import Catalog
 from lotcrs_plugin.data.simulator.config import SimulationConfig
+from lotcrs_plugin.data.simulator.mentions import NameMatcher
 from lotcrs_plugin.data.simulator.mining import mine_templates
+from lotcrs_plugin.data.simulator.reading import (  # noqa: F401  (the package's names, kept here)
+    DATA_FILE, STATS_FILE, iter_simulated, load_simulated, load_stats,
+)
 from lotcrs_plugin.data.simulator.render import Compiled, Fillers, compile_template, render_turns
 from lotcrs_plugin.data.simulator.templates import (
     BASE_SLOTS, ITEM, Template, builtin_templates, load_template_file,
@@ -31,9 +35,9 @@ from lotcrs_plugin.data.simulator.templates import (
 from lotcrs_plugin.data.simulator.threads import ThreadSampler
 from lotcrs_plugin.errors import UserError
 
-SIMULATOR_VERSION = 1          # bump when the output for the same inputs changes
-DATA_FILE = "simulated_data.json"
-STATS_FILE = "simulation_stats.json"
+# bump when the output for the same inputs changes (it keys the cache). 2: templates keep no
+# genre word or name of their source dialog; built-in and file templates are checked alike
+SIMULATOR_VERSION = 2
 # files of the dataset folder that the simulation reads (their size and mtime key the cache)
 INPUT_FILES = ("dataset.json", "entity2id.json", "item_ids.json", "item_stats.json", "entity_kg.json",
                "item_attributes.json", "train_data.json", "word2id.json", "token2id.json")
@@ -126,7 +130,8 @@ def _load_json_if(path: Path) -> Any:
         return json.load(f)
 
 
-def _templates(catalog: Catalog, folder: Path, config: SimulationConfig) -> tuple[list[Template], dict]:
+def _templates(catalog: Catalog, folder: Path, config: SimulationConfig,
+               matcher: NameMatcher) -> tuple[list[Template], dict]:
     known = tuple(dict.fromkeys(BASE_SLOTS + tuple(catalog.kinds)))
     templates: list[Template] = []
     if config.builtin_templates:
@@ -135,7 +140,8 @@ def _templates(catalog: Catalog, folder: Path, config: SimulationConfig) -> tupl
         templates += load_template_file(config.templates, known)
     report: dict[str, Any] = {}
     if config.mined_template_share > 0:
-        mined, report = mine_templates(catalog, folder, config.max_template_tokens, config.mine_max_dialogs)
+        mined, report = mine_templates(catalog, folder, config.max_template_tokens, config.mine_max_dialogs,
+                                       matcher=matcher)
         templates += mined
     return templates, report
 
@@ -156,11 +162,13 @@ def generate(catalog: Catalog, folder: Path, config: SimulationConfig, out_file:
                         f"{', '.join(dict.fromkeys(list(BASE_SLOTS[1:]) + slot_names[1:]))}")
     word2id = _load_json_if(folder / "word2id.json") or {}
     token2id = _load_json_if(folder / "token2id.json")
-    templates, mining_report = _templates(catalog, folder, config)
+    matcher = NameMatcher(catalog)
+    templates, mining_report = _templates(catalog, folder, config, matcher)
 
     # compile; a mined template that cannot be compiled is dropped, others are the user's error
     compiled: list[Compiled] = []
     kept: list[Template] = []
+    n_naming = 0
     for t in templates:
         try:
             c = compile_template(t, word2id)
@@ -168,9 +176,20 @@ def generate(catalog: Catalog, folder: Path, config: SimulationConfig, out_file:
             if t.source == "mined":
                 continue
             raise
+        if t.source != "mined":
+            # what a turn says outside its slots must fit every thread: no genre, name or title
+            said = matcher.in_template(t.text)
+            if said is not None:
+                if t.source == "file":
+                    raise UserError(f"{config.templates}: template {t.text!r} names {said!r}, which not every "
+                                    f"conversation is about; write it as a slot ([genre], [star], [item], ...)")
+                n_naming += 1   # a built-in sentence that happens to be a name of this catalog
+                continue
         compiled.append(c)
         kept.append(t)
     templates = kept
+    if n_naming:
+        mining_report = {**mining_report, "builtin_naming_catalog_names": n_naming}
 
     pools = _Pools(templates, slot_names)
     for act in ("open", "close_seeker", "close_recommender"):
@@ -475,25 +494,3 @@ def _move_into_place(tmp: Path, dest: Path, key: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dest)
-
-
-# --------------------------------------------------------------------------- reading
-
-def load_stats(folder: str | os.PathLike) -> dict[str, Any]:
-    with open(Path(folder) / STATS_FILE, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def iter_simulated(folder: str | os.PathLike) -> Iterator[dict]:
-    """The simulated dialogs one by one (the file holds one per line), without loading all."""
-    with open(Path(folder) / DATA_FILE, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip().rstrip(",")
-            if line.startswith("{"):
-                yield json.loads(line)
-
-
-def load_simulated(folder: str | os.PathLike) -> list[dict]:
-    """All simulated dialogs, in the format of train_data.json."""
-    with open(Path(folder) / DATA_FILE, encoding="utf-8") as f:
-        return json.load(f)

@@ -5,6 +5,9 @@ A turn is kept only when every link could be placed in its text and has a known 
 catalog name is left unlinked in it (an unlinked title would contradict the thread), it is not
 about the crowd-sourcing task, preferences and recommendations are not negated, and its role,
 slots and position give it an act (see templates.py). Each reason to drop a turn is counted.
+An unlinked catalog genre name becomes a [genre] slot too, and a turn that speaks of a genre
+in other words ("scary", "funny": mentions.py) is dropped: a template keeps no attribute of the
+dialog it was mined from, or the simulated dialog it lands in would contradict its own thread.
 """
 
 from __future__ import annotations
@@ -17,19 +20,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from lotcrs_plugin.data.catalog import Catalog
-from lotcrs_plugin.data.importers.common import STOPWORDS, tokenize
+from lotcrs_plugin.data.importers.common import tokenize
+from lotcrs_plugin.data.simulator.mentions import YEAR_TAIL as _YEAR_TAIL
+from lotcrs_plugin.data.simulator.mentions import NameMatcher, plural
 from lotcrs_plugin.data.simulator.templates import BASE_SLOTS, ITEM, Template, parse_template
 from lotcrs_plugin.errors import UserError
 
-# Words that are names of something in some catalog yet ordinary in chat: a lowercase single
-# word among them is not taken for a leftover name.
-COMMON_WORDS = STOPWORDS | frozenset("""
-hi hello hey thanks thank yes yeah yep okay ok good great love like liked movie movies film films
-watch watched seen see saw really well one time know think would could also much lot fun funny
-nice sure bye day night new old little big best better kind something anything family music war
-short history sport news game show talk adult reality life home love man woman girl boy friends
-friend kids kid children summer christmas today tonight cool awesome enjoy enjoyed maybe
-""".split())
 # crowd-sourcing chatter of ReDial (the HIT, its forms and its rules) is no template material
 _META_RE = re.compile(r"\b(submit|hit|task|form|forms|mturk|turk|bonus|button|click|requirements?|"
                       r"messages?|chat|hide|worker|survey|instructions?|trailers?)\b", re.IGNORECASE)
@@ -64,96 +60,8 @@ _ACCEPT_RE = re.compile(r"\b(check (it |that |this |them |those )?out|(will|i'll
                         r"(watch|check|try|see|look)|suggest\w*|recommend\w*|you (must|should|might))\b",
                         re.IGNORECASE)
 _LEADING_GREETING_RE = re.compile(r"^\W*(hi|hello|hey|howdy|good (morning|afternoon|evening))\b", re.IGNORECASE)
-# Capitalized words that are no names (others in mid-sentence are taken for unlinked names)
-_NOT_NAMES = frozenset("""i i'm i've i'll i'd ok okay oh hi hello hey thanks thank yes no lol haha
-god omg tv dvd mr mrs ms dr wow yeah yay""".split())
 _RAW_MENTION_RE = re.compile(r"@\d+")
-_WORD_RE = re.compile(r"\w+(?:[-'.]\w+)*")
-_YEAR_TAIL = re.compile(r"\s*\(\d{4}\)$")
 _MARK = "\x00"
-_SENTENCE_MARKS = frozenset('.!?:;"(')   # marker placeholder while checking leftovers (no word, no name)
-
-
-def _strip_possessive(word: str) -> str:
-    return word[:-2] if word.endswith("'s") and len(word) > 2 else word
-
-
-def _plural(word: str) -> str:
-    if word.endswith("y") and len(word) > 2 and word[-2] not in "aeiou":
-        return word[:-1] + "ies"
-    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
-
-
-class LeftoverNames:
-    """Finds catalog names (items, attributes) in a text; see :meth:`find` for what counts."""
-
-    def __init__(self, catalog: Catalog, proper_nouns: bool = True) -> None:
-        self.proper_nouns = proper_nouns
-        self.genre_keys: set[tuple[str, ...]] = set()
-        keys: set[tuple[str, ...]] = set()
-        for name in catalog.item_names:
-            for surface in (name, _YEAR_TAIL.sub("", name)):
-                keys.add(self._key(surface))
-        for a, name in enumerate(catalog.attr_names):
-            key = self._key(name)
-            keys.add(key)
-            if catalog.kinds[int(catalog.attr_kind[a])] == "genre" and key:
-                # "comedies" names the genre "comedy" as well
-                for k in (key, key[:-1] + (_plural(key[-1]),)):
-                    keys.add(k)
-                    self.genre_keys.add(k)
-        keys.discard(())
-        self.keys = keys
-        lengths: dict[str, set[int]] = {}
-        for k in keys:
-            lengths.setdefault(k[0], set()).add(len(k))
-        self.lengths = {t: sorted(ls, reverse=True) for t, ls in lengths.items()}
-
-    @staticmethod
-    def _key(text: str) -> tuple[str, ...]:
-        return tuple(_strip_possessive(w) for w in _WORD_RE.findall(text.lower()))
-
-    def find(self, text: str) -> str | None:
-        """The first leftover name in ``text``, or None.
-
-        Any Titlecase word in mid-sentence counts (unless ``proper_nouns`` is off).
-        Multi-word names count unless all their words are common and written lowercase
-        ("thank you" is no title, "Thank You" mid-sentence is); single words count when
-        capitalized other than at a sentence start ("Taken"), or when a genre ("horror").
-        """
-        words = list(_WORD_RE.finditer(text))
-        lows = [_strip_possessive(m.group(0).lower()) for m in words]
-        n = len(words)
-        # a word starts a sentence when it is the first or follows a sentence mark
-        initial = [True] * n
-        for i in range(1, n):
-            gap = text[words[i - 1].end(): words[i].start()]
-            initial[i] = any(c in _SENTENCE_MARKS for c in gap)
-        if self.proper_nouns:
-            # a Titlecase word in mid-sentence is a name the linker missed (an actor, a title
-            # outside the catalog, a streaming service): it would contradict the thread
-            for i, m in enumerate(words):
-                w = m.group(0)
-                if (not initial[i] and w[:1].isupper() and not w.isupper() and len(w) > 1
-                        and lows[i] not in _NOT_NAMES):
-                    return w
-        for i in range(n):
-            for length in self.lengths.get(lows[i], ()):
-                if i + length > n:
-                    continue
-                key = tuple(lows[i:i + length])
-                if key not in self.keys:
-                    continue
-                span = words[i:i + length]
-                capital = any(m.group(0)[:1].isupper() and not initial[i + j] for j, m in enumerate(span))
-                if length == 1:
-                    if len(key[0]) < 2:
-                        continue
-                    if capital or (key in self.genre_keys and key[0] not in COMMON_WORDS):
-                        return span[0].group(0)
-                elif capital or any(w not in COMMON_WORDS for w in key):
-                    return text[span[0].start(): span[-1].end()]
-        return None
 
 
 def _find_spans(text: str, lower: str, surfaces: tuple[str, ...], kind: str) -> list[tuple[int, int, str]]:
@@ -172,6 +80,29 @@ def _find_spans(text: str, lower: str, surfaces: tuple[str, ...], kind: str) -> 
     return spans
 
 
+def _longest_first(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Non-overlapping spans in text order; of overlapping ones the longer wins (a title
+    containing a genre word)."""
+    kept: list[tuple[int, int, str]] = []
+    for s in sorted(spans, key=lambda s: (s[0], -(s[1] - s[0]))):
+        if kept and s[0] < kept[-1][1]:
+            continue
+        kept.append(s)
+    return kept
+
+
+def _blank(text: str, spans: list[tuple[int, int, str]]) -> str:
+    """``text`` with each span overwritten by marks of its length (offsets stay those of text)."""
+    if not spans:
+        return text
+    out, last = [], 0
+    for start, end, _ in spans:
+        out += [text[last:start], _MARK * (end - start)]
+        last = end
+    out.append(text[last:])
+    return "".join(out)
+
+
 def _is_word_char(c: str) -> bool:
     return c.isalnum() or c == "_"
 
@@ -183,12 +114,13 @@ def _surfaces(*names: str) -> tuple[str, ...]:
 class TemplateMiner:
     """Mines templates from ``train_data.json`` of a processed dataset folder."""
 
-    def __init__(self, catalog: Catalog, max_tokens: int = 25) -> None:
+    def __init__(self, catalog: Catalog, max_tokens: int = 25, matcher: NameMatcher | None = None) -> None:
         self.catalog = catalog
         self.max_tokens = max_tokens
         self.known_slots = tuple(dict.fromkeys(BASE_SLOTS + tuple(catalog.kinds)))
         self.item_index = {n: i for i, n in enumerate(catalog.item_entity_names)}
-        self.leftovers = LeftoverNames(catalog)
+        self.matcher = matcher if matcher is not None else NameMatcher(catalog)
+        self.genre_slot = "genre" if "genre" in catalog.kinds else None
         self._surfaces: dict[tuple[str, int], tuple[str, ...]] = {}
         self.report: Counter = Counter()
 
@@ -204,7 +136,10 @@ class TemplateMiner:
         if got is None:
             name = self.catalog.attr_names[attr]
             ename = self.catalog.attr_entity_names[attr] or name
-            got = self._surfaces[("a", attr)] = _surfaces(name, ename, name.replace("-", " "))
+            names = [name, ename, name.replace("-", " ")]
+            if self.catalog.kinds[int(self.catalog.attr_kind[attr])] == "genre":
+                names += [plural(n) for n in names[::2]]   # "thrillers" for the linked "thriller"
+            got = self._surfaces[("a", attr)] = _surfaces(*names)
         return got
 
     def mine_turn(self, turn: dict, position: int, n_turns: int) -> Template | None:
@@ -255,26 +190,37 @@ class TemplateMiner:
                 rep["entity_not_in_text"] += 1
                 return None
             spans += found
-        # overlapping spans: the longer one wins (a title containing a genre word)
-        spans.sort(key=lambda s: (s[0], -(s[1] - s[0])))
-        kept: list[tuple[int, int, str]] = []
-        for s in spans:
-            if kept and s[0] < kept[-1][1]:
-                continue
-            kept.append(s)
-        pieces, masked, last = [], [], 0
+        kept = _longest_first(spans)
+        # what the linker missed: a catalog genre name becomes a slot; a genre (or studio) said
+        # in other words, a title or a person's name drops the turn
+        blanked = _blank(text, kept)
+        extra: list[tuple[int, int, str]] = []
+        capitals: list[tuple[int, int]] = []
+        for m in self.matcher.mentions(blanked, capitals=capitals):
+            if (m.genre_attr and not m.items and self.genre_slot is not None
+                    and all(a in self.matcher.attr_concepts for a in m.attrs)):
+                extra.append((m.start, m.end, self.genre_slot))
+            elif m.concepts and not m.items and not m.attrs:
+                rep["attribute_word"] += 1
+                return None
+            else:
+                rep["leftover_name"] += 1
+                return None
+        if extra:
+            kept = _longest_first(kept + extra)
+        pieces, last = [], 0
         for start, end, kind in kept:
             pieces += [text[last:start], f"[{kind}]"]
-            masked += [text[last:start], _MARK]
             last = end
         pieces.append(text[last:])
-        masked.append(text[last:])
         template_text = "".join(pieces)
         n_tokens = len(tokenize(SLOT_MARKERS.sub(" x ", template_text)))
         if n_tokens < 2 or n_tokens > self.max_tokens:
             rep["too_short_or_long"] += 1
             return None
-        if self.leftovers.find("".join(masked)) is not None:
+        # a Titlecase word in mid-sentence is a name the linker missed (an actor, a title outside
+        # the catalog, a streaming service): it would contradict the thread
+        if any(not any(s <= a and b <= e for s, e, _ in extra) for a, b in capitals):
             rep["leftover_name"] += 1
             return None
         slots = [k for _, _, k in kept]
@@ -409,15 +355,16 @@ def iter_json_list(path: Path, limit: int = 0, chunk: int = 1 << 20) -> Iterator
                 return
 
 
-def mine_templates(catalog: Catalog, folder: str | Path, max_tokens: int = 25,
-                   max_dialogs: int = 0) -> tuple[list[Template], dict[str, Any]]:
+def mine_templates(catalog: Catalog, folder: str | Path, max_tokens: int = 25, max_dialogs: int = 0,
+                   matcher: NameMatcher | None = None) -> tuple[list[Template], dict[str, Any]]:
     """Templates mined from ``folder/train_data.json`` (none when it is absent) and a report;
     ``max_dialogs`` > 0 reads only the first that many dialogs (templates stop being new long
-    before: a 100k-item catalog's training split would otherwise take minutes and GBs)."""
+    before: a 100k-item catalog's training split would otherwise take minutes and GBs).
+    ``matcher``: the catalog's NameMatcher, when the caller has one already."""
     path = Path(folder) / "train_data.json"
     if not path.is_file():
         return [], {"train_data": None}
-    miner = TemplateMiner(catalog, max_tokens)
+    miner = TemplateMiner(catalog, max_tokens, matcher)
     templates = miner.mine(iter_json_list(path, max_dialogs))
     report: dict[str, Any] = {"train_data": str(path), **dict(sorted(miner.report.items()))}
     report["kept_by_act"] = dict(sorted(Counter(
