@@ -20,7 +20,7 @@ from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones import build_backbone
 from lotcrs_plugin.model.pretrain_losses import IGNORE, info_nce, mask_keywords
 
-from support import DIALOG_WORDS, DIALOGS, ENTITY2ID, ITEMS, tiny_bert
+from support import DIALOG_WORDS, DIALOGS, ENTITY2ID, ITEMS, build_system, tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "crslab_configs" / "lotcrs_pretrain_synthetic.yaml"
@@ -288,18 +288,7 @@ def _opt(bert: Path, simulated: bool = True, **block) -> dict:
     return opt
 
 
-def _system(opt: dict):
-    opt = run_config.validate(opt)
-    registry.register_all()
-    run_config.check_names(opt)
-    crs = run_config.to_crslab_config(opt)
-    from crslab.data import get_dataloader, get_dataset
-    from crslab.system import get_system
-
-    dataset = get_dataset(crs, crs["tokenize"], False, False)
-    loaders = [get_dataloader(crs, split, dataset.vocab)
-               for split in (dataset.train_data, dataset.valid_data, dataset.test_data)]
-    return get_system(crs, *loaders, dataset.vocab, dataset.side_data)
+_system = build_system  # the CRSLab system of a config, built as `crslab run` builds it
 
 
 def test_both_losses_fall_on_simulated_data(plugin, synthetic_bert, monkeypatch):
