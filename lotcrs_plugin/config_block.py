@@ -39,3 +39,14 @@ def typed_values(cls: type, d: Mapping[str, Any] | None,
 
 
 __all__ = ["typed_values"]
+
+
+def requirement(cfg: Any, where: str = "") -> Callable[[bool, str, str], None]:
+    """``need(ok, key, what)`` for a block's value checks: unless ``ok``, one UserError line
+    "<where>key 'K' must be WHAT, not VALUE" (VALUE read off ``cfg``)."""
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise UserError(f"{where}key '{key}' must be {what}, not {getattr(cfg, key)!r}")
+
+    return need
+

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from lotcrs_plugin.config_block import typed_values
+from lotcrs_plugin.config_block import requirement, typed_values
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, POOLINGS
 from lotcrs_plugin.model.sample_rankers import RANKERS
@@ -91,9 +91,7 @@ class FinetuneConfig:
         return cfg
 
     def check(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise UserError(f"key '{key}' must be {what}, not {getattr(self, key)!r}")
+        need = requirement(self)
 
         need(self.store_refresh in STORE_REFRESH, "store_refresh", " or ".join(STORE_REFRESH))
         need(self.ranker in RANKERS, "ranker", "one of " + ", ".join(RANKERS))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from lotcrs_plugin.config_block import typed_values
+from lotcrs_plugin.config_block import requirement, typed_values
 from lotcrs_plugin.data.pretrain_samples import DMP_MODES
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, POOLINGS
@@ -92,9 +92,7 @@ class PretrainConfig:
         return cfg
 
     def check(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise UserError(f"key '{key}' must be {what}, not {getattr(self, key)!r}")
+        need = requirement(self)
 
         need(self.data in DATA_SOURCES, "data", " or ".join(DATA_SOURCES))
         need(self.similarity in SIMILARITIES, "similarity", " or ".join(SIMILARITIES))

@@ -141,30 +141,27 @@ class FineTuner:
         return {"rec_loss": ce.detach() / len(batch)}
 
     @torch.no_grad()
-    def evaluate(self, split: str, epoch: int = -1) -> None:
-        """Score a split and report it ('valid' or 'test')."""
-        mode = "test" if split == "test" else "valid"
+    def _score_split(self, split: str) -> None:
+        """Every batch of ``split`` into a freshly reset evaluator, in eval mode (train mode restored)."""
         was = self.model.training
         self.model.eval()
         self.evaluator.reset_metrics()
         for batch in self.samples.batches(self.samples.data(split), train=False):
             self.score_batch(batch.to(self.device, non_blocking=True))
-        self.evaluator.report(epoch=epoch, mode=mode)
         self.model.train(was)
 
-    @torch.no_grad()
+    def evaluate(self, split: str, epoch: int = -1) -> None:
+        """Score a split and report it ('valid' or 'test')."""
+        self._score_split(split)
+        self.evaluator.report(epoch=epoch, mode="test" if split == "test" else "valid")
+
     def quiet_report(self, split: str) -> dict[str, Any] | None:
         """The long-tail report of ``split`` as it is scored now, kept out of the run's reports."""
         if not hasattr(self.evaluator, "longtail_report"):
             return None
-        was = self.model.training
-        self.model.eval()
-        self.evaluator.reset_metrics()
-        for batch in self.samples.batches(self.samples.data(split), train=False):
-            self.score_batch(batch.to(self.device, non_blocking=True))
+        self._score_split(split)
         report = self.evaluator.longtail_report(-1, split)
         self.evaluator.reset_metrics()
-        self.model.train(was)
         return report
 
     def validate(self, epoch: int) -> float | None:

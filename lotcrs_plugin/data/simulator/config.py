@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from lotcrs_plugin.config_block import requirement
 from lotcrs_plugin.errors import UserError
 
 # Weight of each thread element kind: "item" is a related item (one sharing an attribute with the
@@ -60,9 +61,7 @@ class SimulationConfig:
         return cfg
 
     def validate(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise UserError(f"simulation: key '{key}' must be {what}, not {getattr(self, key)!r}")
+        need = requirement(self, "simulation: ")
 
         for key, types in (("per_item", int), ("thread_min_length", int), ("thread_max_length", int),
                            ("max_template_tokens", int), ("seed", int), ("mine_max_dialogs", int)):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from lotcrs_plugin.config_block import typed_values
+from lotcrs_plugin.config_block import requirement, typed_values
 from lotcrs_plugin.errors import UserError
 
 BLOCK = "conversation"
@@ -82,9 +82,7 @@ class ConversationConfig:
         return cfg
 
     def check(self) -> None:
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise UserError(f"key '{key}' must be {what}, not {getattr(self, key)!r}")
+        need = requirement(self)
 
         need(self.decoding in DECODINGS, "decoding", " or ".join(DECODINGS))
         need(self.train_item in TRAIN_ITEMS, "train_item", " or ".join(TRAIN_ITEMS))
