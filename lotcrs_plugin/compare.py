@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -163,14 +162,9 @@ def read_result_rows(path: str | os.PathLike) -> list[Row]:
 
 def device_description(gpu: str = "-1") -> str:
     """The machine a run used, in words (CPU model, cores, GPU)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from lotcrs_plugin.hardware import cpu_info
+
+    cpu = cpu_info().model
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     text = f"{cpu}, {cores} CPU cores"
     if str(gpu) != "-1":
