@@ -101,7 +101,9 @@ def quiet_bert(tmp_path_factory) -> Path:
 def pipeline_config(bert: Path) -> dict:
     """The demo pipeline shrunk to seconds, with nothing drawn from the global random state during
     training (no dropout, CCA only: DMP masking draws; no retrieval loss: its negatives draw), so
-    one process and two must agree up to summation order. grad_accumulation 2 in both stages;
+    one process and two must agree up to summation order; fp32, because bf16 autocast (on where
+    the CPU has AVX512_BF16 / AMX) rounds every matmul output to 3 digits, where a different
+    kernel blocking of a sum shows, far above the fp32 tolerances below. grad_accumulation 2 in both stages;
     3 fine-tuning micro-batches per epoch leave process 1 a stand-in in each epoch's last step."""
     opt = yaml.safe_load((REPO / "lotcrs_plugin" / "configs" / "lotcrs_demo.yaml").read_text())
     opt["synthetic"] = dict(SMALL)
@@ -110,12 +112,12 @@ def pipeline_config(bert: Path) -> dict:
     opt["distributed"] = {"backend": "gloo", "timeout_minutes": 5}
     opt["lotcrs_pretrain"] = {"run_name": "ddp_pre", "epochs": 1, "max_steps": 3, "batch_size": 4,
                               "grad_accumulation": 2, "lr": 0.01, "max_length": 48, "checkpoint_every": 0,
-                              "eval_max_batches": 1, "pooling": "mean", "dmp_weight": 0.0, "log_every": 1}
+                              "eval_max_batches": 1, "pooling": "mean", "dmp_weight": 0.0, "log_every": 1, "bf16": False}
     opt["retrieval"] = {"top_k": 4, "max_per_item": 2, "loss_weight": 0.0, "dropout": 0.0}
     opt["lotcrs"] = {"run_name": "ddp_ft", "epochs": 2, "batch_size": 8, "grad_accumulation": 2,
                      "eval_batch_size": 64, "lr": 0.005, "max_length": 48, "max_train_batches": 3,
                      "impatience": 0, "teacher_epochs": 1, "teacher_max_samples": 16, "teacher_lr": 0.005,
-                     "store_refresh": "epoch", "log_every": 1, "threads": 1}
+                     "store_refresh": "epoch", "log_every": 1, "threads": 1, "bf16": False}
     return opt
 
 
