@@ -75,6 +75,9 @@ CASES = [
     ({"smoothing": {"teacher": "teachr"}}, ["block 'smoothing'", "teacher", "teachr"]),
     ({"lotcrs_pretrain": {"mlm_probability": "high"}}, ["block 'lotcrs_pretrain'", "mlm_probability", "'high'"]),
     ({"selection": "hit@1"}, ["key 'selection' must be a mapping, not 'hit@1'"]),
+    ({"rerank": {"tail_slots_keep": {"recal@50": 0.05}}}, ["block 'rerank'", "'recal@50' is not a metric"]),
+    ({"rerank": {"tail_slots_keep": {"recall@50": 5}}}, ["block 'rerank'", "in [0, 1)"]),
+    ({"rerank": {"tail_slots_metric": "tail_cov@50"}}, ["block 'rerank'", "'tail_cov@50' is not a metric"]),
     ({"rec": {"optimizer": {"name": "Adamm"}}}, ["block 'rec': unknown optimizer 'Adamm'", "valid:"]),
 ]
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from lotcrs_plugin.errors import UserError
+from lotcrs_plugin.system.selection import parse_metric
 
 BLOCK = "rerank"
 
@@ -42,8 +43,10 @@ class RerankConfig:
                        validation from ``tail_slots_grid``.
       tail_slots_grid: {cut-off: [slots, ...]}: the combinations "auto" tries.
       tail_slots_metric: the validation score "auto" maximises.
-      tail_slots_keep: a validation metric the slots may not lower (e.g. recall@10: no slot
-                       costs head accuracy on validation); '' = none.
+      tail_slots_keep: what the slots may cost on validation: a metric they may not lower (e.g.
+                       recall@10), or {metric: share} where each metric may fall by at most that
+                       share of its value without slots (e.g. {recall@10: 0, recall@50: 0.05}:
+                       no head accuracy in the top 10, at most 5% of the top 50's); '' = none.
       tail_logit_weight: the model's logit weight in the tail ranking (log(1 + N p_knn) +
                        this x logit): orders the tail items the vote does not reach.
     """
@@ -60,8 +63,16 @@ class RerankConfig:
     tail_slots_grid: dict[int, tuple[int, ...]] = field(default_factory=lambda: {10: (0, 1, 2, 3),
                                                                                   50: (0, 10, 20, 30, 40)})
     tail_slots_metric: str = "recall@10+recall@50+tail_recall@10+tail_recall@50+tail_coverage@50"
-    tail_slots_keep: str = "recall@10"
+    tail_slots_keep: str | dict[str, float] = "recall@10"
     tail_logit_weight: float = 0.001
+
+    @property
+    def keep_losses(self) -> dict[str, float]:
+        """``tail_slots_keep`` as {metric: the share of its value without slots it may lose}."""
+        keep = self.tail_slots_keep
+        if isinstance(keep, str):
+            return {keep: 0.0} if keep else {}
+        return dict(keep)
 
     @property
     def knn_on(self) -> bool:
@@ -90,8 +101,10 @@ class RerankConfig:
                     or not all(_is_number(v) and 0 <= v < math.inf for v in grid)):
                 raise UserError(f"key 'knn_grid' must be a non-empty list of numbers >= 0, not {grid!r}")
             d["knn_grid"] = tuple(float(v) for v in grid)
-        if "knn_metric" in d and not isinstance(d["knn_metric"], str):
-            raise UserError(f"key 'knn_metric' must be a metric name like recall@10+tail_recall@50, not {d['knn_metric']!r}")
+        if "knn_metric" in d:
+            if not isinstance(d["knn_metric"], str):
+                raise UserError(f"key 'knn_metric' must be a metric name like recall@10+tail_recall@50, not {d['knn_metric']!r}")
+            _check_metric("knn_metric", d["knn_metric"])
         if "knn_k" in d and not (_is_int(d["knn_k"]) and d["knn_k"] > 0):
             raise UserError(f"key 'knn_k' must be an integer > 0, not {d['knn_k']!r}")
         if d.get("knn_per_item") is not None and not (_is_int(d["knn_per_item"]) and d["knn_per_item"] > 0):
@@ -113,9 +126,12 @@ class RerankConfig:
                              "a non-empty list of slot counts >= 0")
             d["tail_slots_grid"] = {c: tuple(sorted(set(int(q) for q in v))) for c, v in grid.items()}
             _check_slot_room(d["tail_slots_grid"], "tail_slots_grid")
-        for key in ("tail_slots_metric", "tail_slots_keep"):
-            if key in d and not isinstance(d[key], str):
-                raise UserError(f"key '{key}' must be a metric name like recall@10, not {d[key]!r}")
+        if "tail_slots_metric" in d and not isinstance(d["tail_slots_metric"], str):
+            raise UserError(f"key 'tail_slots_metric' must be a metric name like recall@10, not {d['tail_slots_metric']!r}")
+        if "tail_slots_metric" in d:
+            _check_metric("tail_slots_metric", d["tail_slots_metric"])
+        if "tail_slots_keep" in d:
+            d["tail_slots_keep"] = _keep_losses(d["tail_slots_keep"])
         if "tail_logit_weight" in d:
             if not _is_number(d["tail_logit_weight"]) or not 0 <= d["tail_logit_weight"] < math.inf:
                 raise UserError(f"key 'tail_logit_weight' must be a number >= 0, not {d['tail_logit_weight']!r}")
@@ -154,6 +170,32 @@ def _check_slot_room(slots: dict[int, tuple[int, ...]], key: str) -> None:
             raise UserError(f"key '{key}': {max(options)} slots do not fit between cut-offs {prev} and {cut} "
                             f"({cut - prev} places)")
         prev = cut
+
+
+def _keep_losses(value: Any) -> str | dict[str, float]:
+    """A metric name ('' = none) or {metric: share in [0, 1)}."""
+    if isinstance(value, str):
+        _check_metric("tail_slots_keep", value)
+        return value
+    shares_ok = isinstance(value, dict) and value and all(
+        isinstance(m, str) and m and _is_number(v) and 0 <= v < 1 for m, v in value.items())
+    if not shares_ok:
+        raise UserError(f"key 'tail_slots_keep' must be a metric name like recall@10 or a mapping of metric -> "
+                        f"the share of it the slots may cost, in [0, 1) (e.g. {{recall@10: 0, recall@50: 0.05}}), "
+                        f"not {value!r}")
+    for metric in value:
+        _check_metric("tail_slots_keep", metric)
+    return {m: float(v) for m, v in value.items()}
+
+
+def _check_metric(key: str, metric: str) -> None:
+    """A validation metric a choice reads ('' = the default), checked at load, before any training."""
+    if metric:
+        try:
+            parse_metric(metric)
+        except UserError as err:
+            reason = str(err).removeprefix("key 'metric': ")
+            raise UserError(f"key '{key}': {reason}") from None
 
 
 def _is_int(v: Any) -> bool:

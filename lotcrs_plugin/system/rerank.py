@@ -232,14 +232,15 @@ class Reranker:
     @torch.no_grad()
     def choose_tail_slots(self) -> None:
         """tail_slots: auto -> of ``tail_slots_grid``, the setting with the best validation
-        ``tail_slots_metric`` among those that keep ``tail_slots_keep`` at least at its value
-        without slots (ties: fewer slots). One scoring pass over validation: the model's lists and
-        the vote's tail lists are merged for every setting."""
+        ``tail_slots_metric`` among those whose every ``tail_slots_keep`` metric stays within its
+        allowed share of its value without slots (ties: fewer slots). One scoring pass over
+        validation: the model's lists and the vote's tail lists are merged for every setting."""
         voter, cfg, evaluator = self.model.knn, self.cfg, self.evaluator
         if voter is None or cfg.tail_slots != "auto":
             return
         selection = maximised("tail_slots_metric", cfg.tail_slots_metric)
-        keep = maximised("tail_slots_keep", cfg.tail_slots_keep) if cfg.tail_slots_keep else None
+        losses = cfg.keep_losses
+        keeps = [maximised("tail_slots_keep", metric) for metric in losses]
         was = self.model.training
         self.model.eval()
         parts = []
@@ -248,14 +249,18 @@ class Reranker:
                 ranking, tail_top = self.model.rank_scored(scored, targets, TOP_K, self.eval_chunk_elements)
             parts.append((ranking, tail_top, targets, unmentioned))
 
-        def score(setting: dict[int, int] | None) -> tuple[float | None, float | None]:
+        def score(setting: dict[int, int] | None) -> tuple[float | None, dict[str, float | None]]:
             def feed() -> None:
                 for ranking, tail_top, targets, unmentioned in parts:
                     listed = with_tail_slots(ranking, tail_top, setting, targets)
                     evaluate_lists(evaluator, listed.top_ids.cpu(), targets.cpu(), unmentioned.cpu())
 
-            value, *kept = validation_scores(evaluator, feed, selection, *([keep] if keep is not None else []))
-            return value, kept[0] if kept else None
+            value, *kept = validation_scores(evaluator, feed, selection, *keeps)
+            return value, dict(zip(losses, kept))
+
+        def within(kept: dict[str, float | None]) -> bool:
+            return all(kept[m] is not None and floor[m] is not None and kept[m] >= floor[m] * (1 - share) - 1e-9
+                       for m, share in losses.items())
 
         without = score(None)
         floor = without[1]
@@ -263,21 +268,22 @@ class Reranker:
         best, best_score = None, None
         for setting in grid_settings(cfg.tail_slots_grid):
             value, kept = score(setting) if any(setting.values()) else without  # all zero: the lists without slots
-            allowed = keep is None or (kept is not None and floor is not None and kept >= floor - 1e-9)
+            allowed = within(kept)
             scores[describe(setting)] = {"slots": setting, "score": value, "keep": kept, "allowed": allowed}
+            shown = ", ".join(f"{m} {v:.4f}" for m, v in kept.items() if v is not None)
             logger.info(f"[lotcrs] tail slots {describe(setting)} on validation: {selection.metric} "
                         f"{'n/a' if value is None else f'{value:.4f}'}"
-                        + (f", {keep.metric} {kept:.4f} ({'kept' if allowed else 'lowered'})"
-                           if keep is not None and kept is not None else ""))
+                        + (f", {shown} ({'kept' if allowed else 'lowered'})" if shown else ""))
             if allowed and value is not None and (best_score is None or value > best_score + 1e-12):
                 best, best_score = setting, value
         evaluator.reset_metrics()
         self.model.train(was)
         voter.tail_slots = {c: n for c, n in best.items()} if best and any(best.values()) else None
-        self.tail_slots_selection = {"metric": selection.metric, "keep": keep.metric if keep else "",
+        self.tail_slots_selection = {"metric": selection.metric, "keep": losses,
                                      "keep_without_slots": floor, "scores": scores, "slots": voter.tail_slots}
+        floors = ", ".join(f"{m} {v:.4f} (may lose {losses[m]:.0%})" for m, v in floor.items() if v is not None)
         logger.info(f"[lotcrs] tail slots chosen on validation: {describe(voter.tail_slots)}"
-                    + (f" ({keep.metric} without slots {floor:.4f})" if keep is not None and floor is not None else ""))
+                    + (f" (without slots: {floors})" if floors else ""))
 
     def summary(self) -> dict[str, Any]:
         """What finetune.json records under ``knn`` and ``tail_slots``."""
