@@ -139,6 +139,55 @@ def test_builder_features_follow_who_named_an_item_and_when():
     assert hidden.items[0].tolist() == [2]  # a masked target is not evidence for itself
 
 
+def _reference_rows(builder: EvidenceBuilder, first: int, cut: int, hidden: int | None) -> tuple:
+    """One context's evidence by hand: its distinct items with their features, its attributes."""
+    t, items = builder.table, {}
+    for turn in range(first, cut):
+        for item in t.turn_items[t.item_offsets[turn]:t.item_offsets[turn + 1]].tolist():
+            if item == hidden:
+                continue
+            f = items.setdefault(item, [0.0, 0.0, 0, 0.0, 0.0])
+            f[1 if builder.recommender[turn] else 0] = 1.0
+            f[2] += 1
+            f[3] = max(f[3], float(turn == cut - 1))
+            f[4] = max(f[4], float(turn >= cut - 3))
+    feats = [[a, b, np.log1p(c), d, e] for _, (a, b, c, d, e) in sorted(items.items())]
+    ents: dict[int, int] = {}
+    for e in t.entity[t.turn_offsets[first]:t.turn_offsets[cut]].tolist():
+        if e > 0 and not (e < len(builder.is_item_entity) and builder.is_item_entity[e]):
+            ents[e] = ents.get(e, 0) + 1
+    return sorted(items), feats, sorted(ents), [ents[e] for e in sorted(ents)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_evidence_equals_the_per_context_reading(seed):
+    """The array code over a batch gives every context exactly what reading it alone gives."""
+    rng = np.random.default_rng(seed)
+    n_turns = 40
+    mentions = rng.integers(0, 4, n_turns)
+    item_offsets = np.concatenate([[0], np.cumsum(mentions)])
+    tokens = rng.integers(1, 6, n_turns)
+    turn_offsets = np.concatenate([[0], np.cumsum(tokens)])
+    entity = np.where(rng.random(turn_offsets[-1]) < 0.4, rng.integers(1, 30, turn_offsets[-1]), 0).astype(np.int32)
+    table = TurnTable(ids=np.zeros(turn_offsets[-1], np.int32), keyword=entity > 0, entity=entity,
+                      turn_offsets=turn_offsets, dialog_offsets=np.array([0, n_turns]), item_offsets=item_offsets,
+                      turn_items=rng.integers(0, 12, item_offsets[-1]).astype(np.int32), stats={})
+    builder = EvidenceBuilder(table, rng.random(n_turns) < 0.5, item_entity_ids=list(range(20, 26)))
+    firsts = rng.integers(0, n_turns, 9)
+    contexts = np.stack([firsts, firsts + rng.integers(0, 8, 9)], 1).clip(max=n_turns)
+    hidden = rng.integers(0, 12, 9)
+    for hide in (None, hidden):
+        ev = builder.batch(contexts, hidden_targets=hide)
+        for b, (first, cut) in enumerate(contexts):
+            items, feats, ents, counts = _reference_rows(builder, first, cut, None if hide is None else hide[b])
+            got = ev.items[b].tolist()
+            assert got[:len(items)] == items and set(got[len(items):]) <= {-1}
+            assert ev.item_features[b, :len(items)].numpy() == pytest.approx(np.asarray(feats, np.float32).reshape(-1, 5))
+            assert not ev.item_features[b, len(items):].any()
+            assert ev.entities[b, :len(ents)].tolist() == ents and not ev.entities[b, len(ents):].any()
+            assert ev.entity_counts[b, :len(ents)].tolist() == counts
+
+
 def _attributes() -> ItemAttributes:
     # items 0..3 = entities 10..13; director 60 of items 0 and 1; genre 50 of items 1, 2, 3
     triples = [[10, "director", 60], [11, "director", 60], [11, "genre", 50], [12, "genre", 50],

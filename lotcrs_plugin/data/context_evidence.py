@@ -75,59 +75,72 @@ class EvidenceBuilder:
 
     def batch(self, contexts: np.ndarray, hidden_targets: np.ndarray | None = None) -> EvidenceBatch:
         """contexts: (B, 2) turn ranges [first, cut); hidden_targets: (B,) an item per sample that
-        is not evidence (the masked target of a simulated sample), or None."""
+        is not evidence (the masked target of a simulated sample), or None. Array code over the
+        whole batch: every sample's mentions in one flat array, grouped by (sample, item)."""
         t = self.table
-        rows_items, rows_feats, rows_ent, rows_cnt = [], [], [], []
-        for b, (first, cut) in enumerate(np.asarray(contexts, dtype=np.int64)):
-            lo, hi = t.item_offsets[first], t.item_offsets[cut]
-            items = t.turn_items[lo:hi].astype(np.int64)
-            turns = self.turn_of_mention[lo:hi]
-            if hidden_targets is not None and len(items):
-                keep = items != hidden_targets[b]
-                items, turns = items[keep], turns[keep]
-            uniq, inverse = np.unique(items, return_inverse=True)
-            feats = np.zeros((len(uniq), len(ITEM_FEATURES)), np.float32)
-            if len(uniq):
-                rec = self.recommender[turns]
-                np.maximum.at(feats[:, 0], inverse, (~rec).astype(np.float32))
-                np.maximum.at(feats[:, 1], inverse, rec.astype(np.float32))
-                feats[:, 2] = np.log1p(np.bincount(inverse, minlength=len(uniq)))
-                np.maximum.at(feats[:, 3], inverse, (turns == cut - 1).astype(np.float32))
-                np.maximum.at(feats[:, 4], inverse, (turns >= cut - 3).astype(np.float32))
-            rows_items.append(uniq)
-            rows_feats.append(feats)
-            ent = t.entity[t.turn_offsets[first]:t.turn_offsets[cut]].astype(np.int64)
-            ent = ent[self._is_attribute(ent)]
-            e_uniq, e_count = np.unique(ent, return_counts=True)
-            rows_ent.append(e_uniq)
-            rows_cnt.append(e_count.astype(np.float32))
-        return EvidenceBatch(_pad(rows_items, -1), torch.from_numpy(_pad_feats(rows_feats)),
-                             _pad(rows_ent, 0), torch.from_numpy(_pad_float(rows_cnt)))
+        contexts = np.asarray(contexts, dtype=np.int64).reshape(-1, 2)
+        first, cut = contexts[:, 0], contexts[:, 1]
+        n = len(contexts)
+        sample, at = _segments(t.item_offsets[first], t.item_offsets[cut])
+        items = t.turn_items[at].astype(np.int64)
+        turns = self.turn_of_mention[at]
+        if hidden_targets is not None:
+            keep = items != np.asarray(hidden_targets, dtype=np.int64)[sample]
+            sample, items, turns = sample[keep], items[keep], turns[keep]
+        # one group per (sample, item), sorted by sample then item as np.unique sorts each sample's
+        keys, group = np.unique(sample * (int(items.max(initial=0)) + 1) + items, return_inverse=True)
+        group_sample = np.zeros(len(keys), np.int64)
+        group_sample[group] = sample
+        group_item = np.zeros(len(keys), np.int64)
+        group_item[group] = items
+        feats = np.zeros((len(keys), len(ITEM_FEATURES)), np.float32)
+        if len(keys):
+            rec = self.recommender[turns]
+            last = cut[sample]
+            np.maximum.at(feats[:, 0], group, (~rec).astype(np.float32))
+            np.maximum.at(feats[:, 1], group, rec.astype(np.float32))
+            feats[:, 2] = np.log1p(np.bincount(group, minlength=len(keys)))
+            np.maximum.at(feats[:, 3], group, (turns == last - 1).astype(np.float32))
+            np.maximum.at(feats[:, 4], group, (turns >= last - 3).astype(np.float32))
+        item_rows, item_cols, width = _places(group_sample, n)
+        out_items = np.full((n, width), -1, np.int64)
+        out_items[item_rows, item_cols] = group_item
+        out_feats = np.zeros((n, width, len(ITEM_FEATURES)), np.float32)
+        out_feats[item_rows, item_cols] = feats
+
+        e_sample, e_at = _segments(t.turn_offsets[first], t.turn_offsets[cut])
+        ent = t.entity[e_at].astype(np.int64)
+        attribute = self._is_attribute(ent)
+        e_sample, ent = e_sample[attribute], ent[attribute]
+        e_keys, e_group, e_count = np.unique(e_sample * (int(ent.max(initial=0)) + 1) + ent,
+                                             return_inverse=True, return_counts=True)
+        e_group_sample = np.zeros(len(e_keys), np.int64)
+        e_group_sample[e_group] = e_sample
+        e_group_ent = np.zeros(len(e_keys), np.int64)
+        e_group_ent[e_group] = ent
+        ent_rows, ent_cols, e_width = _places(e_group_sample, n)
+        out_ent = np.zeros((n, e_width), np.int64)
+        out_ent[ent_rows, ent_cols] = e_group_ent
+        out_cnt = np.zeros((n, e_width), np.float32)
+        out_cnt[ent_rows, ent_cols] = e_count
+        return EvidenceBatch(torch.from_numpy(out_items), torch.from_numpy(out_feats),
+                             torch.from_numpy(out_ent), torch.from_numpy(out_cnt))
 
 
-def _width(rows: list[np.ndarray]) -> int:
-    return max(1, max((len(r) for r in rows), default=0))
+def _segments(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ranges [lo_b, hi_b) as one flat array of positions, with each position's b."""
+    lengths = np.maximum(np.asarray(hi, np.int64) - np.asarray(lo, np.int64), 0)
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    return owner, np.repeat(np.asarray(lo, np.int64) - starts, lengths) + np.arange(int(lengths.sum()))
 
 
-def _pad(rows: list[np.ndarray], fill: int) -> torch.Tensor:
-    out = np.full((len(rows), _width(rows)), fill, dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return torch.from_numpy(out)
-
-
-def _pad_float(rows: list[np.ndarray]) -> np.ndarray:
-    out = np.zeros((len(rows), _width(rows)), dtype=np.float32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
-
-
-def _pad_feats(rows: list[np.ndarray]) -> np.ndarray:
-    out = np.zeros((len(rows), _width(rows), len(ITEM_FEATURES)), dtype=np.float32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
+def _places(group_sample: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Row and column of every group in a (n, width) padded layout; groups sorted by sample."""
+    per_sample = np.bincount(group_sample, minlength=n)
+    starts = np.cumsum(per_sample) - per_sample
+    cols = np.arange(len(group_sample)) - starts[group_sample]
+    return group_sample, cols, max(1, int(per_sample.max(initial=0)))
 
 
 @dataclass
