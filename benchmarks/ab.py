@@ -5,10 +5,12 @@ machine's load hits both sides alike.
     python benchmarks/ab.py --what threads --dataset inspired_unicrs          # fine-tuning, 1 vs 2 threads
     python benchmarks/ab.py --what bf16 --dataset inspired_unicrs             # fp32 vs bf16 autocast
     python benchmarks/ab.py --what bucket --stage pretrain --dataset inspired_unicrs   # bucket_pool 0 vs 20
+    python benchmarks/ab.py --what fused --dataset inspired_unicrs            # AdamW loop vs fused kernel
 
 what: threads (torch intra-op threads), bf16 (autocast off / on; the CPU's ISA decides whether it
 pays: lotcrs_plugin.hardware), bucket (bucket_pool, length-bucketed batches:
-lotcrs_plugin.data.length_buckets). stage: finetune (LOTCRSSystem's training step, the CPU config's
+lotcrs_plugin.data.length_buckets), fused (AdamW as a loop over tensors / one fused kernel:
+lotcrs_plugin.system.optim; each side its own optimizer over the shared model). stage: finetune (LOTCRSSystem's training step, the CPU config's
 task: no retrieval fusion) or pretrain (LOTCRSPretrainSystem's DMP + CCA micro-batch). Both sides
 draw their batches from identical samplers (the same sequences when the setting does not change
 them) and share one model and optimizer.
@@ -41,7 +43,7 @@ from _alternate import Contender, alternate  # noqa: E402
 
 from lotcrs_plugin.errors import UserError  # noqa: E402
 
-DEFAULTS = {"threads": ("1", "2"), "bf16": ("off", "on"), "bucket": ("0", "20")}
+DEFAULTS = {"threads": ("1", "2"), "bf16": ("off", "on"), "bucket": ("0", "20"), "fused": ("off", "on")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,8 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.b = args.b if args.b is not None else b
     for side in ("a", "b"):
         value = getattr(args, side)
-        if args.what == "bf16" and value not in ("on", "off"):
-            raise UserError(f"--{side} for bf16 must be on or off, not {value!r}")
+        if args.what in ("bf16", "fused") and value not in ("on", "off"):
+            raise UserError(f"--{side} for {args.what} must be on or off, not {value!r}")
         if args.what in ("threads", "bucket") and not (value.isdigit() and (int(value) >= 1 or args.what == "bucket")):
             raise UserError(f"--{side} for {args.what} must be a whole number{' >= 1' * (args.what == 'threads')}, "
                             f"not {value!r}")
@@ -115,6 +117,16 @@ def pretrain_side(system: Any, pool: int) -> tuple[Any, Iterator[Any], Any]:
         system.optimizer_step()
 
     return system, batches(), step
+
+
+def own_optimizer(system: Any, stage: str, fused: bool) -> Any:
+    """(AdamW, its constant schedule) of the system's own groups and rates, fused or a loop over tensors."""
+    from lotcrs_plugin.system.optim import adamw_linear
+
+    cfg = system.cfg
+    rates = system.model.parameter_rates() if stage == "finetune" else None
+    return adamw_linear(system.model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=0.0,
+                        total_steps=10**9, fused=fused, rates=rates)
 
 
 def epoch_positions(stage: str, system: Any, pool: int) -> tuple[int, int]:
@@ -184,11 +196,13 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             else:
                 system = run.prepare_pretrain()["system"]
             system.model.train()
+            loop = system.tuner.loop if args.stage == "finetune" else system.loop
             sides, positions = [], {}
             for name, value in (("A", args.a), ("B", args.b)):
                 pool = int(value) if args.what == "bucket" else 0
                 system, batches, step = (finetune_side(run, pool) if args.stage == "finetune"
                                          else pretrain_side(system, pool))
+                optimizer = own_optimizer(system, args.stage, value == "on") if args.what == "fused" else None
 
                 def enter(value=value) -> None:
                     if args.what == "threads":
@@ -197,6 +211,8 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                         torch.set_num_threads(args.threads)
                     if args.what == "bf16":
                         system.autocast = value == "on"
+                    if optimizer is not None:
+                        loop.optimizer, loop.scheduler = optimizer
 
                 sides.append(Contender(name, step, count, batches=batches, enter=enter))
                 positions[name] = epoch_positions(args.stage, system, pool)
