@@ -7,6 +7,8 @@ import difflib
 from dataclasses import fields
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from lotcrs_plugin.errors import UserError
 
 KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -38,7 +40,16 @@ def typed_values(cls: type, d: Mapping[str, Any] | None,
     return d
 
 
-__all__ = ["typed_values"]
+def is_int(v: Any) -> bool:
+    """An integer value of a hand-checked key (numpy's too), never a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A number value of a hand-checked key, never a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 
 
 def requirement(cfg: Any, where: str = "") -> Callable[[bool, str, str], None]:
@@ -50,3 +61,5 @@ def requirement(cfg: Any, where: str = "") -> Callable[[bool, str, str], None]:
 
     return need
 
+
+__all__ = ["is_int", "is_number", "requirement", "typed_values"]

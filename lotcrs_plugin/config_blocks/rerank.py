@@ -11,8 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import numpy as np
-
+from lotcrs_plugin.config_block import is_int, is_number
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.system.selection import parse_metric
 
@@ -88,26 +87,26 @@ class RerankConfig:
             if key not in known:
                 raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
         if "knn_temperature" in d:
-            if not _is_number(d["knn_temperature"]) or not d["knn_temperature"] > 0:
+            if not is_number(d["knn_temperature"]) or not d["knn_temperature"] > 0:
                 raise UserError(f"key 'knn_temperature' must be a number > 0, not {d['knn_temperature']!r}")
             d["knn_temperature"] = float(d["knn_temperature"])
         if "knn_weight" in d and d["knn_weight"] != "auto":
-            if not _is_number(d["knn_weight"]) or not 0 <= d["knn_weight"] < math.inf:
+            if not is_number(d["knn_weight"]) or not 0 <= d["knn_weight"] < math.inf:
                 raise UserError(f"key 'knn_weight' must be a number >= 0 or auto, not {d['knn_weight']!r}")
             d["knn_weight"] = float(d["knn_weight"])
         if "knn_grid" in d:
             grid = d["knn_grid"]
             if (not isinstance(grid, (list, tuple)) or not grid
-                    or not all(_is_number(v) and 0 <= v < math.inf for v in grid)):
+                    or not all(is_number(v) and 0 <= v < math.inf for v in grid)):
                 raise UserError(f"key 'knn_grid' must be a non-empty list of numbers >= 0, not {grid!r}")
             d["knn_grid"] = tuple(float(v) for v in grid)
         if "knn_metric" in d:
             if not isinstance(d["knn_metric"], str):
                 raise UserError(f"key 'knn_metric' must be a metric name like recall@10+tail_recall@50, not {d['knn_metric']!r}")
             _check_metric("knn_metric", d["knn_metric"])
-        if "knn_k" in d and not (_is_int(d["knn_k"]) and d["knn_k"] > 0):
+        if "knn_k" in d and not (is_int(d["knn_k"]) and d["knn_k"] > 0):
             raise UserError(f"key 'knn_k' must be an integer > 0, not {d['knn_k']!r}")
-        if d.get("knn_per_item") is not None and not (_is_int(d["knn_per_item"]) and d["knn_per_item"] > 0):
+        if d.get("knn_per_item") is not None and not (is_int(d["knn_per_item"]) and d["knn_per_item"] > 0):
             raise UserError(f"key 'knn_per_item' must be an integer > 0 or null, not {d['knn_per_item']!r}")
         if "knn_pooling" in d and d["knn_pooling"] not in ("cls", "mean", "first_last"):
             raise UserError(f"key 'knn_pooling' must be one of cls, mean, first_last, not {d['knn_pooling']!r}")
@@ -118,11 +117,11 @@ class RerankConfig:
                                 f"own run_name (e.g. {{run_name: my_cca_pretrain, dmp_weight: 0}}), not {over!r}")
             d["knn_pretrain"] = dict(over)
         if d.get("tail_slots") is not None and d["tail_slots"] != "auto":
-            d["tail_slots"] = _slot_map(d["tail_slots"], "tail_slots", lambda v: _is_int(v) and v >= 0, "a slot count >= 0")
+            d["tail_slots"] = _slot_map(d["tail_slots"], "tail_slots", lambda v: is_int(v) and v >= 0, "a slot count >= 0")
             _check_slot_room({c: (q,) for c, q in d["tail_slots"].items()}, "tail_slots")
         if "tail_slots_grid" in d:
             grid = _slot_map(d["tail_slots_grid"], "tail_slots_grid",
-                             lambda v: isinstance(v, (list, tuple)) and v and all(_is_int(q) and q >= 0 for q in v),
+                             lambda v: isinstance(v, (list, tuple)) and v and all(is_int(q) and q >= 0 for q in v),
                              "a non-empty list of slot counts >= 0")
             d["tail_slots_grid"] = {c: tuple(sorted(set(int(q) for q in v))) for c, v in grid.items()}
             _check_slot_room(d["tail_slots_grid"], "tail_slots_grid")
@@ -133,7 +132,7 @@ class RerankConfig:
         if "tail_slots_keep" in d:
             d["tail_slots_keep"] = _keep_losses(d["tail_slots_keep"])
         if "tail_logit_weight" in d:
-            if not _is_number(d["tail_logit_weight"]) or not 0 <= d["tail_logit_weight"] < math.inf:
+            if not is_number(d["tail_logit_weight"]) or not 0 <= d["tail_logit_weight"] < math.inf:
                 raise UserError(f"key 'tail_logit_weight' must be a number >= 0, not {d['tail_logit_weight']!r}")
             d["tail_logit_weight"] = float(d["tail_logit_weight"])
         return cls(**d)
@@ -178,7 +177,7 @@ def _keep_losses(value: Any) -> str | dict[str, float]:
         _check_metric("tail_slots_keep", value)
         return value
     shares_ok = isinstance(value, dict) and value and all(
-        isinstance(m, str) and m and _is_number(v) and 0 <= v < 1 for m, v in value.items())
+        isinstance(m, str) and m and is_number(v) and 0 <= v < 1 for m, v in value.items())
     if not shares_ok:
         raise UserError(f"key 'tail_slots_keep' must be a metric name like recall@10 or a mapping of metric -> "
                         f"the share of it the slots may cost, in [0, 1) (e.g. {{recall@10: 0, recall@50: 0.05}}), "
@@ -198,12 +197,6 @@ def _check_metric(key: str, metric: str) -> None:
             raise UserError(f"key '{key}': {reason}") from None
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 __all__ = ["BLOCK", "RERANK_KEYS", "TAIL_SLOT_DEPTH", "RerankConfig"]

@@ -25,6 +25,7 @@ import torch
 from loguru import logger
 
 from lotcrs_plugin.config_blocks.rerank import RERANK_KEYS
+from lotcrs_plugin.config_block import is_int, is_number
 from lotcrs_plugin.errors import UserError
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivf_pq")
@@ -109,34 +110,28 @@ class RetrievalConfig:
                 raise UserError(f"key '{key}' must be true or false, not {d[key]!r}")
         for key in ("top_k", "nprobe", "hnsw_m", "ef_construction", "ef_search", "n_pos", "n_neg",
                     "refine_factor"):
-            if key in d and not (_is_int(d[key]) and d[key] > 0):
+            if key in d and not (is_int(d[key]) and d[key] > 0):
                 raise UserError(f"key '{key}' must be an integer > 0, not {d[key]!r}")
         for key in ("nlist", "pq_m"):
-            if key in d and not (_is_int(d[key]) and d[key] >= 0):
+            if key in d and not (is_int(d[key]) and d[key] >= 0):
                 raise UserError(f"key '{key}' must be an integer >= 0 (0: automatic), not {d[key]!r}")
-        if d.get("max_per_item") is not None and not (_is_int(d["max_per_item"]) and d["max_per_item"] > 0):
+        if d.get("max_per_item") is not None and not (is_int(d["max_per_item"]) and d["max_per_item"] > 0):
             raise UserError(f"key 'max_per_item' must be an integer > 0 or null, not {d['max_per_item']!r}")
-        if d.get("sample_seed") is not None and not _is_int(d["sample_seed"]):
+        if d.get("sample_seed") is not None and not is_int(d["sample_seed"]):
             raise UserError(f"key 'sample_seed' must be an integer or null, not {d['sample_seed']!r}")
         for key, low, high in (("fusion_weight", 0.0, math.inf), ("loss_weight", 0.0, math.inf),
                                ("dropout", 0.0, 1.0)):
             if key in d:
-                if not _is_number(d[key]) or not low <= d[key] < high:
+                if not is_number(d[key]) or not low <= d[key] < high:
                     raise UserError(f"key '{key}' must be a number in [{low:g}, {high:g}), not {d[key]!r}")
                 d[key] = float(d[key])
         if "temperature" in d:
-            if not _is_number(d["temperature"]) or not d["temperature"] > 0:
+            if not is_number(d["temperature"]) or not d["temperature"] > 0:
                 raise UserError(f"key 'temperature' must be a number > 0, not {d['temperature']!r}")
             d["temperature"] = float(d["temperature"])
         return cls(**d)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class RetrievalResult(NamedTuple):

@@ -20,6 +20,7 @@ from typing import Any, Iterable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from lotcrs_plugin.config_block import is_number
 from lotcrs_plugin.errors import UserError
 
 TEACHER_KINDS = ("simulated", "real", "none")
@@ -56,11 +57,11 @@ class SmoothingConfig:
         if "teacher" in d and d["teacher"] not in TEACHER_KINDS:
             raise UserError(f"key 'teacher' must be one of {', '.join(TEACHER_KINDS)}, not {d['teacher']!r}")
         if "beta" in d:
-            if not _is_number(d["beta"]) or d["beta"] < 0:
+            if not is_number(d["beta"]) or d["beta"] < 0:
                 raise UserError(f"key 'beta' must be a number >= 0, not {d['beta']!r}")
             d["beta"] = float(d["beta"])
         if "temperature" in d:
-            if not _is_number(d["temperature"]) or not d["temperature"] > 0:
+            if not is_number(d["temperature"]) or not d["temperature"] > 0:
                 raise UserError(f"key 'temperature' must be a number > 0, not {d['temperature']!r}")
             d["temperature"] = float(d["temperature"])
         top_k = d.get("top_k")
@@ -73,9 +74,6 @@ class SmoothingConfig:
         """Whether the KL term is on (a teacher and beta > 0)."""
         return self.teacher != "none" and self.beta > 0
 
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class SmoothnessLoss(NamedTuple):
