@@ -23,6 +23,7 @@ from lotcrs_plugin.system.distributed import Dist, DistributedConfig, plan
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"n_items": 60, "n_conversations": 160, "seed": 3}
+ADAM_EPS = 1e-3
 
 
 # ---- dealing out micro-batches ---------------------------------------------------------------
@@ -103,7 +104,11 @@ def pipeline_config(bert: Path) -> dict:
     training (no dropout, CCA only: DMP masking draws; no retrieval loss: its negatives draw), so
     one process and two must agree up to summation order; fp32, because bf16 autocast (on where
     the CPU has AVX512_BF16 / AMX) rounds every matmul output to 3 digits, where a different
-    kernel blocking of a sum shows, far above the fp32 tolerances below. grad_accumulation 2 in both stages;
+    kernel blocking of a sum shows, far above the fp32 tolerances below. Adam's eps 1e-3 instead of
+    1e-8: a gradient that is only what is left of cancelling float sums (a key bias has none in exact
+    arithmetic) then moves its parameter by ~lr * 1e-9 / eps, not by ~lr, so the order of those sums,
+    which MKL on an Intel CPU varies with memory alignment, cannot throw the two runs apart (checked:
+    noise of 1e-7 added to every gradient passes, a gradient 0.1 % off fails). grad_accumulation 2 in both stages;
     3 fine-tuning micro-batches per epoch leave process 1 a stand-in in each epoch's last step."""
     opt = yaml.safe_load((REPO / "lotcrs_plugin" / "configs" / "lotcrs_demo.yaml").read_text())
     opt["synthetic"] = dict(SMALL)
@@ -112,12 +117,14 @@ def pipeline_config(bert: Path) -> dict:
     opt["distributed"] = {"backend": "gloo", "timeout_minutes": 5}
     opt["lotcrs_pretrain"] = {"run_name": "ddp_pre", "epochs": 1, "max_steps": 3, "batch_size": 4,
                               "grad_accumulation": 2, "lr": 0.01, "max_length": 48, "checkpoint_every": 0,
-                              "eval_max_batches": 1, "pooling": "mean", "dmp_weight": 0.0, "log_every": 1, "bf16": False}
+                              "eval_max_batches": 1, "pooling": "mean", "dmp_weight": 0.0, "log_every": 1, "bf16": False,
+                              "adam_eps": ADAM_EPS}
     opt["retrieval"] = {"top_k": 4, "max_per_item": 2, "loss_weight": 0.0, "dropout": 0.0}
     opt["lotcrs"] = {"run_name": "ddp_ft", "epochs": 2, "batch_size": 8, "grad_accumulation": 2,
                      "eval_batch_size": 64, "lr": 0.005, "max_length": 48, "max_train_batches": 3,
                      "impatience": 0, "teacher_epochs": 1, "teacher_max_samples": 16, "teacher_lr": 0.005,
-                     "store_refresh": "epoch", "log_every": 1, "threads": 1, "bf16": False}
+                     "store_refresh": "epoch", "log_every": 1, "threads": 1, "bf16": False,
+                     "adam_eps": ADAM_EPS}
     return opt
 
 
@@ -177,11 +184,13 @@ def test_two_gloo_processes_match_one_process(quiet_bert, tmp_path, monkeypatch)
     a = torch.load(one_home / "save" / "ddp_pre" / "checkpoint.pt", weights_only=True)
     b = torch.load(two_home / "save" / "ddp_pre" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 3 and a["batch_in_epoch"] == b["batch_in_epoch"] == 6
+    assert {g["eps"] for c in (a, b) for g in c["optimizer"]["param_groups"]} == {ADAM_EPS}
     assert_same_state(a, b, "pre-training")
     # fine-tuning: 2 epochs of 2 steps each, the same parameters, scores, best epoch and test
     a = torch.load(one_home / "save" / "ddp_ft" / "checkpoint.pt", weights_only=True)
     b = torch.load(two_home / "save" / "ddp_ft" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 4 and a["epoch"] == b["epoch"] == 2
+    assert {g["eps"] for c in (a, b) for g in c["optimizer"]["param_groups"]} == {ADAM_EPS}
     assert_same_state(a, b, "fine-tuning")
     for ha, hb in zip(a["history"], b["history"], strict=True):
         assert ha["score"] == pytest.approx(hb["score"], abs=1e-6)

@@ -47,3 +47,19 @@ def test_groups_split_rates_and_decay_and_the_schedule_warms_up_then_decays():
         sched.step()
     # 2 warm-up steps rise to the peak, then a linear fall towards 0
     assert rates[0] < rates[1] < rates[2] == 1e-3 and all(x > y > 0 for x, y in zip(rates[2:], rates[3:]))
+
+
+
+def test_adam_eps_is_a_checked_knob_of_both_training_blocks():
+    import pytest
+
+    from lotcrs_plugin.config_blocks.finetune import FinetuneConfig
+    from lotcrs_plugin.config_blocks.pretrain import PretrainConfig
+    from lotcrs_plugin.errors import UserError
+
+    for block in (FinetuneConfig, PretrainConfig):
+        assert block.from_dict(None).adam_eps == 1e-8 and block.from_dict({"adam_eps": 1e-6}).adam_eps == 1e-6
+        with pytest.raises(UserError, match="key 'adam_eps' must be positive, not 0.0"):
+            block.from_dict({"adam_eps": 0})
+    opt, _ = adamw_linear(_model(), lr=1e-3, weight_decay=0.0, warmup_ratio=0.0, total_steps=1, eps=1e-6)
+    assert {g["eps"] for g in opt.param_groups} == {1e-6}

@@ -25,8 +25,8 @@ class FinetuneConfig:
     once with the pre-trained backbone) | epoch (recomputed with the fine-tuned one after each epoch).
     epochs, batch_size, grad_accumulation (effective batch = batch_size x grad_accumulation, also over
     several processes: lotcrs_plugin.system.distributed), lr,
-    weight_decay, warmup_ratio (linear warmup then linear decay), max_grad_norm (0: no clipping):
-    fine-tuning. eval_batch_size: validation, test, store and teacher passes. eval_chunk_elements: the
+    weight_decay, warmup_ratio (linear warmup then linear decay), max_grad_norm (0: no clipping),
+    adam_eps (AdamW's denominator floor): fine-tuning. eval_batch_size: validation, test, store and teacher passes. eval_chunk_elements: the
     most item scores validation and test hold at once (samples x items per chunk; the catalog is
     ranked chunk by chunk, lotcrs_plugin.evaluator.ranking). impatience: stop after
     this many epochs without a better validation score (0: never). max_length: tokens per input, cut
@@ -61,6 +61,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
+    adam_eps: float = 1e-8
     impatience: int = 3
     max_length: int = 256
     prompt: str = DEFAULT_PROMPT
@@ -104,6 +105,7 @@ class FinetuneConfig:
             need(getattr(self, key) >= 0, key, "0 or more")
         need(self.max_length >= 16, "max_length", "at least 16")
         need(self.lr > 0, "lr", "positive")
+        need(self.adam_eps > 0, "adam_eps", "positive")
         need(self.teacher_lr > 0, "teacher_lr", "positive")
         need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "in [0, 1)")
         for key in ("weight_decay", "max_grad_norm"):

@@ -32,7 +32,7 @@ class PretrainConfig:
     samples per micro-batch; cca_batch_size: CCA pairs per micro-batch (0: batch_size);
     grad_accumulation: micro-batches per optimizer step (effective batch 16 x 4 = 64, also over
     several processes: lotcrs_plugin.system.distributed);
-    max_grad_norm: clipping (0: off). mlm_probability: chance a keyword span is masked.
+    max_grad_norm: clipping (0: off). adam_eps: AdamW's denominator floor. mlm_probability: chance a keyword span is masked.
     temperature, similarity: InfoNCE. dmp_weight, cca_weight: loss weights (0 turns a task off:
     the paper runs DMP, then CCA from the DMP checkpoint). pooling: the CCA representation, cls |
     mean | first_last ('' = the backbone's default); projection: SimCSE MLP while training,
@@ -58,6 +58,7 @@ class PretrainConfig:
     cca_batch_size: int = 0
     grad_accumulation: int = 4
     max_grad_norm: float = 1.0
+    adam_eps: float = 1e-8
     mlm_probability: float = 0.9
     temperature: float = 0.05
     similarity: str = "cosine"
@@ -109,6 +110,7 @@ class PretrainConfig:
         need(0.0 < self.mlm_probability <= 1.0, "mlm_probability", "in (0, 1]")
         need(self.temperature > 0, "temperature", "positive")
         need(self.lr > 0, "lr", "positive")
+        need(self.adam_eps > 0, "adam_eps", "positive")
         need(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "in [0, 1)")
         for key in ("weight_decay", "max_grad_norm", "dmp_weight", "cca_weight"):
             need(getattr(self, key) >= 0, key, "0 or more")

@@ -83,7 +83,7 @@ class FineTuner:
     def build_optim(self) -> None:
         cfg = self.cfg
         self.loop.build_optim(self.steps_per_epoch() * cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              warmup_ratio=cfg.warmup_ratio, rates=self.model.parameter_rates())
+                              warmup_ratio=cfg.warmup_ratio, rates=self.model.parameter_rates(), eps=cfg.adam_eps)
 
     def train_step(self, batch: Any, scale: float = 1.0) -> dict[str, torch.Tensor]:
         """The loss of one micro-batch (on the device), backpropagated (scaled for accumulation, and

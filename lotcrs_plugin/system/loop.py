@@ -96,12 +96,13 @@ class TrainLoop:
         self.total_steps = 0
 
     def build_optim(self, total_steps: int, *, lr: float, weight_decay: float, warmup_ratio: float,
-                    rates: Mapping[int, float] | None = None, fused: bool | None = None) -> None:
+                    rates: Mapping[int, float] | None = None, fused: bool | None = None,
+                    eps: float = 1e-8) -> None:
         """AdamW with a linear warmup and decay over ``total_steps`` (at least 1) optimizer steps."""
         total = max(1, total_steps)
         self.optimizer, self.scheduler = adamw_linear(self.model, lr=lr, weight_decay=weight_decay,
                                                       warmup_ratio=warmup_ratio, total_steps=total, fused=fused,
-                                                      rates=rates)
+                                                      rates=rates, eps=eps)
         self.total_steps = total
 
     def optimizer_step(self) -> None:

@@ -174,7 +174,7 @@ class LOTCRSPretrainSystem(BaseSystem):
     def build_optim(self) -> None:
         cfg = self.cfg
         self.loop.build_optim(self.steps_per_epoch() * cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                              warmup_ratio=cfg.warmup_ratio)
+                              warmup_ratio=cfg.warmup_ratio, eps=cfg.adam_eps)
 
     def optimizer_step(self) -> None:
         self.loop.optimizer_step()

@@ -43,7 +43,7 @@ def teacher_scores(model: torch.nn.Module, samples: RecSamples, cfg: FinetuneCon
     part = source.subset(rows)
     # the head and the evidence term at their own rates, as in fine-tuning; a constant rate (no schedule)
     optimizer, _ = adamw_linear(teacher, lr=cfg.teacher_lr, weight_decay=cfg.weight_decay, warmup_ratio=0.0,
-                                total_steps=1, rates=teacher.parameter_rates())
+                                total_steps=1, rates=teacher.parameter_rates(), eps=cfg.adam_eps)
     teacher.train()
 
     def teacher_step() -> None:
