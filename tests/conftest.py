@@ -5,9 +5,12 @@ not fixtures: support.py."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +61,16 @@ def backbone_paths(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("lotcrs_backbones")
     return {"bert": "builtin:tiny-bert", "bart": str(tiny_bart(root / "bart", small_bpe)),
             "unicrs": str(tiny_unicrs(root / "unicrs", small_bpe))}
+
+
+@pytest.fixture
+def home_with_config_models(tmp_path, monkeypatch) -> Path:
+    """An empty home holding, as empty folders, the model folders the shipped configs name under ~
+    (made on a user's machine by get-minilm.sh and benchmarks/conversation_check.py, absent on a
+    clean one), so that loading those configs checks everything but the weights."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    for path in [*(REPO / "crslab_configs").rglob("*.yaml"), *(REPO / "lotcrs_plugin" / "configs").glob("*.yaml")]:
+        for folder in re.findall(r"~/[^\s'\"]+", path.read_text(encoding="utf-8")):
+            (home / folder[2:]).mkdir(parents=True, exist_ok=True)
+    return home

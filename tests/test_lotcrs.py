@@ -271,7 +271,7 @@ def test_config_block_validation(plugin):
         FinetuneConfig.from_dict({"retrieval": "no"})
 
 
-def test_every_lotcrs_config_file_validates(plugin):
+def test_every_lotcrs_config_file_validates(plugin, home_with_config_models):
     files = sorted(CONFIGS.glob("lotcrs_*.yaml")) + sorted(CONFIGS.glob("lotcrs_*/*.yaml")) + [DEMO]
     assert len([f for f in files if f.parent == CONFIGS and "pretrain" not in f.name]) >= 6
     for path in files:
