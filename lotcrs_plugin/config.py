@@ -66,7 +66,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {name: {"tokenize": "nltk"} for name
 
 # block key -> "module:Dataclass" with a classmethod from_dict(dict) that validates the block.
 CONFIG_BLOCKS: dict[str, str] = {
-    "synthetic": "lotcrs_plugin.data.synthetic:SyntheticConfig",
+    "synthetic": "lotcrs_plugin.data.synthetic.config:SyntheticConfig",
     "longtail": "lotcrs_plugin.evaluator.config:LongTailConfig",
     "simulation": "lotcrs_plugin.data.simulator:SimulationConfig",
     "retrieval": "lotcrs_plugin.model.retrieval:RetrievalConfig",

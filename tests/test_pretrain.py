@@ -264,7 +264,8 @@ def plugin(monkeypatch):
 def synthetic_bert(tmp_path_factory) -> Path:
     """A tiny BERT whose vocabulary covers the small synthetic dataset and its simulation."""
     from lotcrs_plugin.data.simulator import load_simulated, simulate
-    from lotcrs_plugin.data.synthetic import SyntheticConfig, ensure_generated
+    from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+    from lotcrs_plugin.data.synthetic.dataset import ensure_generated
 
     root = tmp_path_factory.mktemp("vocab")
     folder = ensure_generated(SyntheticConfig(**SMALL), root / "dataset")
