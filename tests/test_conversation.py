@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from lotcrs_plugin.data.pretrain_samples import ItemVocab
+from lotcrs_plugin.data.item_vocab import ItemVocab
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.conversation.config import ConversationConfig
 from lotcrs_plugin.model.conversation.memory import ResponseMemory

@@ -33,7 +33,7 @@ from torch import nn
 from lotcrs_plugin.config_blocks.finetune import BLOCK, FinetuneConfig
 from lotcrs_plugin.config_blocks.rerank import RerankConfig
 from lotcrs_plugin.data.context_evidence import EvidenceBatch, ItemAttributes
-from lotcrs_plugin.data.pretrain_samples import ItemVocab
+from lotcrs_plugin.data.item_vocab import ItemVocab
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.evaluator.ranking import Ranking, rank_dense, rank_linear
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, build_backbone
