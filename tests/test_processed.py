@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lotcrs_plugin import paths
-from lotcrs_plugin.data.processed import (ProcessedDataset, check_folder, dataset_class_for, scan,
-                                          validate_folder)
+from lotcrs_plugin.data.processed import ProcessedDataset, dataset_class_for
+from lotcrs_plugin.data.processed_folder import check_folder, scan, validate_folder
 from lotcrs_plugin.data.synthetic.config import SyntheticConfig
 from lotcrs_plugin.data.synthetic.generator import generate
 from lotcrs_plugin.errors import UserError
