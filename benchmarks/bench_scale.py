@@ -110,7 +110,8 @@ def child(n: int, args: argparse.Namespace, work: Path) -> dict:
     from lotcrs_plugin.data.synthetic.words import GENRES, MAX_PEOPLE
     from lotcrs_plugin.evaluator.ranking import rank_linear
     from lotcrs_plugin.model.backbones import build_backbone
-    from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig
+    from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
+    from lotcrs_plugin.model.retrieval import MemoryStore
 
     from bench_retrieval import make_data
 

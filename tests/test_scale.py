@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig, auto_pq_m, ivf_cells
+from lotcrs_plugin.model.faiss_index import auto_pq_m, ivf_cells
+from lotcrs_plugin.model.retrieval import MemoryStore
 
 
 def clustered(n_items: int = 300, per_item: int = 8, h: int = 32, seed: int = 0):
