@@ -34,7 +34,7 @@ from lotcrs_plugin.data.length_buckets import bucketed_order
 from lotcrs_plugin.data.pretrain_samples import cca_index, collate
 from lotcrs_plugin.data.turns import TurnTable
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.backbones.base import InputFormat, TokenBatch
+from lotcrs_plugin.model.backbones.inputs import InputFormat, TokenBatch
 
 RECOMMENDER = "Recommender"
 SUBSET_UNMENTIONED = "unmentioned"  # the evaluator subset: targets not named earlier in the dialog

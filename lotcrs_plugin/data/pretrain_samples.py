@@ -25,7 +25,7 @@ import torch
 from lotcrs_plugin.data.length_buckets import bucketed_order
 from lotcrs_plugin.data.turns import TurnTable
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.backbones.base import InputFormat, TokenBatch
+from lotcrs_plugin.model.backbones.inputs import InputFormat, TokenBatch
 
 DMP_MODES = ("prefixes", "dialogs")
 
