@@ -170,6 +170,7 @@ def generate(cfg: SyntheticConfig, dest: str | os.PathLike) -> Path:
         "format_version": FORMAT_VERSION,
         "name": NAME,
         "language": "en",
+        # the package a user imports, whichever of its modules writes the files
         "source": {"generator": __package__, "generator_version": GENERATOR_VERSION,
                    "key": cfg.key(), "config": asdict(cfg)},
         "splits": {"train": n_train, "valid": n_valid, "test": n_test},
