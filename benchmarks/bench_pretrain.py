@@ -133,9 +133,10 @@ def pipeline(model, max_length: int, batch: int) -> dict:
     import numpy as np
 
     from lotcrs_plugin.data.pretrain_samples import PretrainBatchSampler, PretrainData, cca_index, dmp_index
-    from lotcrs_plugin.data.pretrain_samples import tokenize_dialogs
+    from lotcrs_plugin.data.turns import tokenize_dialogs
     from lotcrs_plugin.data.simulator import load_simulated, simulate
-    from lotcrs_plugin.data.synthetic import SyntheticConfig, ensure_generated
+    from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+    from lotcrs_plugin.data.synthetic.dataset import ensure_generated
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = ensure_generated(SyntheticConfig(n_items=200, n_conversations=200, seed=1), Path(tmp) / "ds")

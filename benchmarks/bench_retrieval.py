@@ -54,7 +54,8 @@ def make_data(n: int, dim: int, per_item: int, n_queries: int, noise: float, see
 
 def main() -> None:
     sys.path.insert(0, str(REPO))
-    from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig
+    from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
+    from lotcrs_plugin.model.retrieval import MemoryStore
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000, help="entries in the store")

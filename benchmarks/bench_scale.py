@@ -104,22 +104,25 @@ def child(n: int, args: argparse.Namespace, work: Path) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from lotcrs_plugin.data import synthetic
     from lotcrs_plugin.data.simulator import SimulationConfig, load_stats, simulate
+    from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+    from lotcrs_plugin.data.synthetic.generator import generate
+    from lotcrs_plugin.data.synthetic.words import GENRES, MAX_PEOPLE
     from lotcrs_plugin.evaluator.ranking import rank_linear
     from lotcrs_plugin.model.backbones import build_backbone
-    from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig
+    from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
+    from lotcrs_plugin.model.retrieval import MemoryStore
 
     from bench_retrieval import make_data
 
     torch.set_num_threads(args.threads)
     res: dict = {}
     info: dict = {"items": n}
-    cfg = synthetic.SyntheticConfig(n_items=n, n_conversations=args.conv_per_item * n,
-                                    n_people=min(synthetic.MAX_PEOPLE, 2 * n), n_genres=len(synthetic.GENRES), seed=0)
+    cfg = SyntheticConfig(n_items=n, n_conversations=args.conv_per_item * n,
+                          n_people=min(MAX_PEOPLE, 2 * n), n_genres=len(GENRES), seed=0)
     folder = work / f"synthetic_{n}"
     with Stage("dataset", res):
-        synthetic.generate(cfg, folder)
+        generate(cfg, folder)
     info["conversations"] = cfg.n_conversations
     info["dataset_mb"] = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
 

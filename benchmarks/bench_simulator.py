@@ -267,8 +267,10 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
-    from lotcrs_plugin.data import synthetic
     from lotcrs_plugin.data.importers import import_dataset
+    from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+    from lotcrs_plugin.data.synthetic.generator import generate
+    from lotcrs_plugin.data.synthetic.words import GENRES, MAX_PEOPLE
 
     load = os.getloadavg()[0]
     rows: list[tuple[str, dict]] = []
@@ -296,9 +298,9 @@ def main() -> None:
         for n in scales:
             folder = tmp / f"synthetic_{n}"
             print(f"measuring synthetic {n} items ...", file=sys.stderr, flush=True)
-            synthetic.generate(synthetic.SyntheticConfig(
-                n_items=n, n_conversations=2000, n_people=min(synthetic.MAX_PEOPLE, 2 * n),
-                n_genres=len(synthetic.GENRES), seed=0), folder)
+            generate(SyntheticConfig(
+                n_items=n, n_conversations=2000, n_people=min(MAX_PEOPLE, 2 * n),
+                n_genres=len(GENRES), seed=0), folder)
             m = measure(folder, args.per_item, 1 if n == max(scales) and len(scales) > 1 else args.runs, tmp)
             shutil.rmtree(m["out"])
             shutil.rmtree(folder)

@@ -1,4 +1,4 @@
-"""Tokenization of a dataset's dialogs (lotcrs_plugin.data.pretrain_samples.tokenize_dialogs), the
+"""Tokenization of a dataset's dialogs (lotcrs_plugin.data.turns.tokenize_dialogs), the
 Rust backend called directly (after) against transformers' own tokenizer call (before),
 alternating, each round on the same dialogs; both must give the same TurnTable.
 
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     from lotcrs_plugin import paths, registry
-    from lotcrs_plugin.data import pretrain_samples as ps
+    from lotcrs_plugin.data import turns
+    from lotcrs_plugin.data.item_vocab import ItemVocab
     from lotcrs_plugin.hardware import cpu_info
     from lotcrs_plugin.model.backbones import build_backbone
 
@@ -56,23 +57,23 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--dataset {args.dataset}: not imported under {paths.resolve_root()}; known: "
                         f"{', '.join(found) or 'none'}")
     folder = Path(found[args.dataset])
-    items = ps.ItemVocab.from_folder(folder)
+    items = ItemVocab.from_folder(folder)
     entity2id = json.loads((folder / "entity2id.json").read_text(encoding="utf-8"))
     backbone = build_backbone("bert", str(args.backbone_path))
     backbone.add_item_tokens(items.display_names, items.entity_ids)
     dialogs = json.loads((folder / f"{args.split}_data.json").read_text(encoding="utf-8"))
-    fast = ps._encode
+    fast = turns._encode
     seconds = {"A": 0.0, "B": 0.0}
     tables = {}
     try:
         for _ in range(args.rounds):
             for side, encode in (("A", transformers_call), ("B", fast)):
-                ps._encode = encode
+                turns._encode = encode
                 started = time.perf_counter()
-                tables[side] = ps.tokenize_dialogs(dialogs, backbone.tokenizer, backbone.sep_ids, items, entity2id)
+                tables[side] = turns.tokenize_dialogs(dialogs, backbone.tokenizer, backbone.sep_ids, items, entity2id)
                 seconds[side] += time.perf_counter() - started
     finally:
-        ps._encode = fast
+        turns._encode = fast
     for key in ("ids", "keyword", "entity", "turn_offsets", "dialog_offsets", "item_offsets", "turn_items"):
         if not np.array_equal(getattr(tables["A"], key), getattr(tables["B"], key)):
             raise RuntimeError(f"the two tokenizer calls differ in {key}")

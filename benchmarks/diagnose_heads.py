@@ -54,7 +54,8 @@ VARIANTS = {
 
 def load_splits(folder: Path, backbone_path: str, max_length: int, item_init: str):
     from lotcrs_plugin.data.finetune_samples import RecData, recommendation_index, turn_roles
-    from lotcrs_plugin.data.pretrain_samples import ItemVocab, tokenize_dialogs
+    from lotcrs_plugin.data.item_vocab import ItemVocab
+    from lotcrs_plugin.data.turns import tokenize_dialogs
     from lotcrs_plugin.model.backbones import build_backbone
 
     items = ItemVocab.from_folder(folder)

@@ -277,7 +277,8 @@ class SpeedRun:
         self.opt: dict[str, Any] = {"dataset": args.dataset, "tokenize": "nltk", "seed": 0,
                                     "simulation": dict(self.sim_block)}
         if args.dataset == "synthetic":
-            from lotcrs_plugin.data.synthetic import SyntheticConfig, ensure_generated
+            from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+            from lotcrs_plugin.data.synthetic.dataset import ensure_generated
 
             block = {"n_items": args.items, "n_conversations": args.conversations, "seed": 0}
             self.opt["synthetic"] = block

@@ -66,10 +66,10 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {name: {"tokenize": "nltk"} for name
 
 # block key -> "module:Dataclass" with a classmethod from_dict(dict) that validates the block.
 CONFIG_BLOCKS: dict[str, str] = {
-    "synthetic": "lotcrs_plugin.data.synthetic:SyntheticConfig",
+    "synthetic": "lotcrs_plugin.data.synthetic.config:SyntheticConfig",
     "longtail": "lotcrs_plugin.evaluator.config:LongTailConfig",
     "simulation": "lotcrs_plugin.data.simulator:SimulationConfig",
-    "retrieval": "lotcrs_plugin.model.retrieval:RetrievalConfig",
+    "retrieval": "lotcrs_plugin.config_blocks.retrieval:RetrievalConfig",
     "rerank": "lotcrs_plugin.config_blocks.rerank:RerankConfig",
     "smoothing": "lotcrs_plugin.model.smoothing:SmoothingConfig",
     "head": "lotcrs_plugin.model.heads:HeadConfig",

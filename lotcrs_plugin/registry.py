@@ -28,7 +28,7 @@ ENTRY_POINT_GROUP = "crslab.plugins"
 # table -> {name: target}; datasets carry their language.
 PLUGIN_PARTS: dict[str, dict[str, str]] = {
     "dataset": {
-        "synthetic": "lotcrs_plugin.data.synthetic:SyntheticDataset",
+        "synthetic": "lotcrs_plugin.data.synthetic.dataset:SyntheticDataset",
     },
     "dataloader": {
         "RepeatPopularity": "lotcrs_plugin.model.repeat_ranker:RepeatPopularityDataLoader",

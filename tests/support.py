@@ -15,7 +15,7 @@ import yaml
 
 from lotcrs_plugin import config as run_config
 from lotcrs_plugin import registry
-from lotcrs_plugin.data.pretrain_samples import ItemVocab
+from lotcrs_plugin.data.item_vocab import ItemVocab
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LOTCRS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -27,6 +27,11 @@ import pytest
 import torch
 
 from lotcrs_plugin import compat, paths
+from lotcrs_plugin.compat import evaluators as compat_evaluators
+from lotcrs_plugin.compat.imports import fasttext_available
+from lotcrs_plugin.compat.models import kgsf_copy_mask
+from lotcrs_plugin.compat.rebind import ORIGINALS
+from lotcrs_plugin.compat.resources import register_local_resource, safe_build
 from lotcrs_plugin.errors import UserError
 
 compat.apply()
@@ -384,7 +389,7 @@ def test_position_codes_same_values_and_fixed():
     kgsf_modules = sys.modules["crslab.model.crs.kgsf.modules"]
     assert kgsf_modules.create_position_codes is transformer_module.create_position_codes
     expected = torch.zeros(50, 16)
-    compat.ORIGINALS["position_codes"](50, 16, expected)  # CRSLab's own code, on a plain tensor
+    ORIGINALS["position_codes"](50, 16, expected)  # CRSLab's own code, on a plain tensor
     weight = torch.nn.Embedding(50, 16).weight
     transformer_module.create_position_codes(50, 16, weight)
     assert torch.equal(weight, expected) and not weight.requires_grad
@@ -517,9 +522,9 @@ def test_inspired_conv_runs_with_cache_objects(root, tiny_pretrained):
 def test_conv_and_standard_evaluators_without_fasttext(root, monkeypatch, loguru_messages):
     from crslab.evaluator import get_evaluator
 
-    if compat.fasttext_available():
+    if fasttext_available():
         pytest.skip("fasttext is installed here")
-    monkeypatch.setattr(compat, "_embedding_warned", False)
+    monkeypatch.setattr(compat_evaluators, "_embedding_warned", False)
     for name in ("standard", "conv", "standard"):
         evaluator = get_evaluator(name, "ReDial")
         evaluator.gen_evaluate("you should watch it", ["you should see it", "watch it"])
@@ -536,11 +541,11 @@ def test_evaluator_when_the_vectors_cannot_be_downloaded(root, monkeypatch, logu
     import crslab.evaluator.embeddings as embeddings
     from crslab.evaluator import get_evaluator
 
-    if not compat.fasttext_available():  # stand in for the package: it is never reached
+    if not fasttext_available():  # stand in for the package: it is never reached
         monkeypatch.setitem(sys.modules, "fasttext", types.ModuleType("fasttext"))
     dead = crslab.download.DownloadableFile(DEAD_URL, "cc.en.300.zip", "0" * 64)
     monkeypatch.setitem(embeddings.resources, "en", {"version": "0.2", "file": dead})
-    monkeypatch.setattr(compat, "_embedding_warned", False)
+    monkeypatch.setattr(compat_evaluators, "_embedding_warned", False)
     evaluator = get_evaluator("conv", "ReDial")
     assert evaluator.ft is None
     evaluator.gen_evaluate("watch it", ["watch it"])
@@ -565,7 +570,7 @@ def _archive(folder: Path, name: str = "data.zip") -> tuple[Path, str]:
 def test_build_never_deletes_a_user_folder(tmp_path, marker):
     from crslab.data.dataset import base as dataset_base
 
-    assert dataset_base.build is crslab.download.build is compat.safe_build
+    assert dataset_base.build is crslab.download.build is safe_build
     folder = tmp_path / "redial" / "nltk"
     folder.mkdir(parents=True)
     (folder / "train_data.json").write_text("[1]")
@@ -593,7 +598,7 @@ def test_build_uses_crslab_downloads_and_registered_folders_as_they_are(tmp_path
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "weights.bin").write_text("w")
-    compat.register_local_resource(mine)
+    register_local_resource(mine)
     crslab.download.build(str(mine), dfile, "0.1")
     assert sorted(p.name for p in mine.iterdir()) == ["weights.bin"]
 
@@ -668,7 +673,7 @@ def test_recommender_trains_and_evaluates_through_its_system(name, root, tiny_pr
         masks = Path(root.model) / "kgsf" / "ReDial"
         masks.mkdir(parents=True)
         np.save(masks / "copy_mask.npy", np.ones(len(WORDS) + 4, dtype=bool))
-        compat.register_local_resource(masks)
+        register_local_resource(masks)
     torch.manual_seed(0)
     random.seed(0)
     system = build_system(name, tiny_pretrained)
@@ -729,7 +734,7 @@ def test_kgsf_builds_on_a_plugin_dataset_without_download():
     import numpy as np
     import torch
 
-    from lotcrs_plugin import compat, paths
+    from lotcrs_plugin import paths
 
     opt, ds = _synthetic_dataset()
     from crslab.model import get_model
@@ -746,6 +751,6 @@ def test_kgsf_builds_on_a_plugin_dataset_without_download():
     mask = np.load(folder / "copy_mask.npy")
     assert mask.shape == (ds.vocab["vocab_size"],)
     assert mask.any() and not mask[: 4].any()  # concept words copyable, special tokens never
-    assert np.array_equal(mask, compat.kgsf_copy_mask(ds.vocab))
+    assert np.array_equal(mask, kgsf_copy_mask(ds.vocab))
     assert model.copy_mask.shape[0] == ds.vocab["vocab_size"]
     assert "synthetic" not in sys.modules["crslab.model.crs.kgsf.resources"].resources

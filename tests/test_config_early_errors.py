@@ -24,7 +24,8 @@ GOOD = {"dataset": BROKEN, "model": "LOTCRS", "backbone": "bert", "backbone_path
 def broken_root(tmp_path_factory) -> Path:
     """A root holding one imported dataset whose folder passes the cheap check at registration
     (every file present, dataset.json valid) but whose loading fails."""
-    from lotcrs_plugin.data.synthetic import SyntheticConfig, generate
+    from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+    from lotcrs_plugin.data.synthetic.generator import generate
 
     root = tmp_path_factory.mktemp("broken_root")
     folder = generate(SyntheticConfig(n_items=60, n_conversations=40, seed=5), root / "data" / "dataset" / BROKEN)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from lotcrs_plugin.data.pretrain_samples import ItemVocab
+from lotcrs_plugin.data.item_vocab import ItemVocab
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.conversation.config import ConversationConfig
 from lotcrs_plugin.model.conversation.memory import ResponseMemory
@@ -247,7 +247,8 @@ def test_the_system_converses_after_recommending_and_interacts_through_a_pipe(sm
     assert out.returncode == 0, out.stderr[-3000:]  # the end of the input ends the dialog cleanly
     replies = [line.split("Recommender: ", 1)[1] for line in out.stdout.splitlines() if "Recommender: " in line]
     assert len(replies) == len(messages), out.stdout[-2000:]
-    from lotcrs_plugin.data.synthetic import SyntheticConfig, dataset_folder
+    from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+    from lotcrs_plugin.data.synthetic.dataset import dataset_folder
 
     names = ItemVocab.from_folder(dataset_folder(SyntheticConfig.from_dict(opt["synthetic"]))).display_names
     said = [r.split(" (also:")[0] for r in replies]  # the generated reply, before the list of other items

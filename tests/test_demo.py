@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from lotcrs_plugin.data.synthetic import SyntheticConfig, generate
+from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+from lotcrs_plugin.data.synthetic.generator import generate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lotcrs_plugin" / "configs"
 

@@ -86,7 +86,8 @@ def quiet_bert(tmp_path_factory) -> Path:
     """A tiny BERT without dropout (nothing random in a training step but the data order, which
     is a function of the seed) whose vocabulary covers the small synthetic dataset."""
     from lotcrs_plugin.data.simulator import load_simulated, simulate
-    from lotcrs_plugin.data.synthetic import SyntheticConfig, ensure_generated
+    from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+    from lotcrs_plugin.data.synthetic.dataset import ensure_generated
 
     from support import tiny_bert
 

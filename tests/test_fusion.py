@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.fusion import RetrievalFusion, retrieval_contrastive_loss
-from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig
+from lotcrs_plugin.model.retrieval import MemoryStore
 
 H = 8
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lotcrs_plugin.data.context_evidence import ITEM_FEATURES, EvidenceBuilder, ItemAttributes
-from lotcrs_plugin.data.pretrain_samples import TurnTable
+from lotcrs_plugin.data.turns import TurnTable
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones import TokenBatch, build_backbone
 from lotcrs_plugin.model.evidence import EvidenceConfig, EvidenceTerm

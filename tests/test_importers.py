@@ -529,12 +529,14 @@ def test_command_module_imports_only_light_modules():
 
 def test_imported_fixture_loads_through_processed_dataset(redial_files, tmp_path):
     processed = pytest.importorskip("lotcrs_plugin.data.processed")
+    from lotcrs_plugin.data.processed_folder import validate_folder
+
     # CRSLab ranks the top 50 items, so the reader wants a catalog of at least 50
     extra = "".join(f"{700 + i},Filler Movie {i} (2000),0\n" for i in range(50))
     redial_files["movies"].write_text(MOVIES_CSV + extra, encoding="utf-8")
     import_redial(redial_files, tmp_path, valid=redial_files["valid"], test=redial_files["test"])
     folder = tmp_path / "out" / "fixture"
-    assert processed.validate_folder(folder)["name"] == "fixture"
+    assert validate_folder(folder)["name"] == "fixture"
     opt = {"dataset": "imported_fixture", "context_truncate": 64, "response_truncate": 20,
            "item_truncate": 10, "entity_truncate": 10, "word_truncate": 10}
     ds = processed.dataset_class_for("imported_fixture", folder)(opt, "nltk")
@@ -568,7 +570,7 @@ def test_real_inspired(tmp_path):
     assert result.n_items == 1123 and result.n_entities == 17320
     items = json.loads((tmp_path / "i" / "item_ids.json").read_text())
     assert len(items) == len(set(items)) == 1123
-    from lotcrs_plugin.data.processed import validate_folder
+    from lotcrs_plugin.data.processed_folder import validate_folder
 
     assert validate_folder(tmp_path / "i")["splits"] == result.splits
 
@@ -583,6 +585,6 @@ def test_real_redial(tmp_path):
     stats = json.loads((tmp_path / "r" / "item_stats.json").read_text())
     assert sum(1 for s in stats.values() if s["source_mentions"] <= 4) == 4567
     assert sum(s["train_mentions"] for s in stats.values()) > 0
-    from lotcrs_plugin.data.processed import validate_folder
+    from lotcrs_plugin.data.processed_folder import validate_folder
 
     assert validate_folder(tmp_path / "r")["splits"] == result.splits

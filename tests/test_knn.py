@@ -14,7 +14,7 @@ from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.evaluator.ranking import rank_dense, rank_linear
 from lotcrs_plugin.model.knn import aggregate_votes, knn_bonus
 from lotcrs_plugin.config_blocks.rerank import RerankConfig
-from lotcrs_plugin.model.retrieval import RetrievalConfig
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 
 from support import build_system, tiny_opt
 

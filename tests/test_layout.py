@@ -1,6 +1,6 @@
 """The package's layout rules, read from the source (nothing is imported): no import circle
-(every import statement counts, also one inside a function), model/ never imports system/, the
-modules of the LOT-CRS pipeline stay small, and no test module imports another."""
+(every import statement counts, also one inside a function), model/ never imports system/, no
+module of the package is over 500 lines, and no test module imports another."""
 
 from __future__ import annotations
 
@@ -64,10 +64,9 @@ def test_no_import_circle_and_model_never_imports_system():
 
 
 def test_the_pipeline_modules_stay_small():
-    stage_modules = [*(PACKAGE / "system").glob("*.py"), *(PACKAGE / "config_blocks").glob("*.py"),
-                     PACKAGE / "model" / "lotcrs.py"]
-    sizes = {p.relative_to(REPO).as_posix(): len(p.read_text(encoding="utf-8").splitlines()) for p in stage_modules}
-    assert len(sizes) >= 15
+    modules = _modules().values()
+    sizes = {p.relative_to(REPO).as_posix(): len(p.read_text(encoding="utf-8").splitlines()) for p in modules}
+    assert len(sizes) >= 100
     assert {k: n for k, n in sizes.items() if n > 500} == {}
 
 

@@ -227,7 +227,7 @@ def test_label_smoothness_pulls_the_student_towards_the_teacher(bert_system):
 
 def test_recommendation_samples_and_the_mentioned_flag(tmp_path):
     from lotcrs_plugin.data.finetune_samples import RecData, recommendation_index, simulated_index, turn_roles
-    from lotcrs_plugin.data.pretrain_samples import tokenize_dialogs
+    from lotcrs_plugin.data.turns import tokenize_dialogs
     from lotcrs_plugin.model.backbones import build_backbone
 
     from support import DIALOGS, ENTITY2ID, ITEMS, tiny_bert

@@ -13,9 +13,8 @@ import yaml
 
 from lotcrs_plugin import config as run_config
 from lotcrs_plugin import registry
-from lotcrs_plugin.data.pretrain_samples import (
-    PretrainBatchSampler, PretrainData, cca_index, collate, dmp_index, tokenize_dialogs,
-)
+from lotcrs_plugin.data.pretrain_samples import PretrainBatchSampler, PretrainData, cca_index, collate, dmp_index
+from lotcrs_plugin.data.turns import tokenize_dialogs
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones import build_backbone
 from lotcrs_plugin.model.pretrain_losses import IGNORE, info_nce, mask_keywords
@@ -104,7 +103,7 @@ def small_bert(tmp_path_factory):
 def test_the_rust_backend_call_tokenizes_as_transformers_does(small_bert, tmp_path):
     """tokenize_dialogs calls a fast tokenizer's backend directly (half the time); ids and
     offsets equal transformers' own call, item tokens and byte-level BPE included."""
-    from lotcrs_plugin.data.pretrain_samples import _encode
+    from lotcrs_plugin.data.turns import _encode
     from lotcrs_plugin.model.backbones.base import ITEM_TOKEN
     from support import tiny_bart
 
@@ -264,7 +263,8 @@ def plugin(monkeypatch):
 def synthetic_bert(tmp_path_factory) -> Path:
     """A tiny BERT whose vocabulary covers the small synthetic dataset and its simulation."""
     from lotcrs_plugin.data.simulator import load_simulated, simulate
-    from lotcrs_plugin.data.synthetic import SyntheticConfig, ensure_generated
+    from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+    from lotcrs_plugin.data.synthetic.dataset import ensure_generated
 
     root = tmp_path_factory.mktemp("vocab")
     folder = ensure_generated(SyntheticConfig(**SMALL), root / "dataset")

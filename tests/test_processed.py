@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from lotcrs_plugin import paths
-from lotcrs_plugin.data.processed import (ProcessedDataset, check_folder, dataset_class_for, scan,
-                                          validate_folder)
-from lotcrs_plugin.data.synthetic import SyntheticConfig, generate
+from lotcrs_plugin.data.processed import ProcessedDataset, dataset_class_for
+from lotcrs_plugin.data.processed_folder import check_folder, scan, validate_folder
+from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+from lotcrs_plugin.data.synthetic.generator import generate
 from lotcrs_plugin.errors import UserError
 
 SMALL = SyntheticConfig(n_items=60, n_conversations=60, turns=6, n_people=40, seed=5)

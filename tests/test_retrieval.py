@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig
+from lotcrs_plugin.model.retrieval import MemoryStore
 
 H = 16
 N_ITEMS = 40

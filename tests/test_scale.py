@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig, auto_pq_m, ivf_cells
+from lotcrs_plugin.model.faiss_index import auto_pq_m, ivf_cells
+from lotcrs_plugin.model.retrieval import MemoryStore
 
 
 def clustered(n_items: int = 300, per_item: int = 8, h: int = 32, seed: int = 0):
@@ -84,11 +86,12 @@ def test_automatic_cells_and_code_size():
 
 
 def test_synthetic_generator_at_10k_items(tmp_path):
-    from lotcrs_plugin.data import synthetic
+    from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+    from lotcrs_plugin.data.synthetic.generator import generate
 
-    cfg = synthetic.SyntheticConfig(n_items=10_000, n_conversations=2_000, n_people=2_000, seed=1)
+    cfg = SyntheticConfig(n_items=10_000, n_conversations=2_000, n_people=2_000, seed=1)
     start = time.perf_counter()
-    folder = synthetic.generate(cfg, tmp_path / "syn")
+    folder = generate(cfg, tmp_path / "syn")
     assert time.perf_counter() - start < 20
     stats = json.loads((folder / "item_stats.json").read_text(encoding="utf-8"))
     assert len(stats) == 10_000 and len({s["name"] for s in stats.values()}) == 10_000
@@ -120,12 +123,13 @@ def test_json_list_is_streamed_in_chunks_with_line_numbers(tmp_path):
 
 
 def test_mining_reads_only_the_first_dialogs(tmp_path):
-    from lotcrs_plugin.data import synthetic
     from lotcrs_plugin.data.catalog import Catalog
     from lotcrs_plugin.data.simulator import SimulationConfig
     from lotcrs_plugin.data.simulator.mining import mine_templates
+    from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+    from lotcrs_plugin.data.synthetic.generator import generate
 
-    folder = synthetic.generate(synthetic.SyntheticConfig(n_items=60, n_conversations=300, seed=2), tmp_path / "s")
+    folder = generate(SyntheticConfig(n_items=60, n_conversations=300, seed=2), tmp_path / "s")
     catalog = Catalog.from_folder(folder)
     _, everything = mine_templates(catalog, folder)
     _, first = mine_templates(catalog, folder, max_dialogs=20)
@@ -138,7 +142,7 @@ def test_mining_reads_only_the_first_dialogs(tmp_path):
 
 
 def test_synthetic_conversations_grow_with_the_catalog():
-    from lotcrs_plugin.data.synthetic import SyntheticConfig
+    from lotcrs_plugin.data.synthetic.config import SyntheticConfig
 
     default = SyntheticConfig()
     assert default.n_conversations == 600 and default == SyntheticConfig(n_conversations=600)

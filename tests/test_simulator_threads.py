@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from lotcrs_plugin.data import synthetic
 from lotcrs_plugin.data.catalog import Catalog
 from lotcrs_plugin.data.simulator import SimulationConfig, load_stats, simulate
 from lotcrs_plugin.data.simulator import core
@@ -17,6 +16,8 @@ from lotcrs_plugin.data.simulator.consistency import ThreadChecker
 from lotcrs_plugin.data.simulator.mentions import NameMatcher
 from lotcrs_plugin.data.simulator.mining import mine_templates
 from lotcrs_plugin.data.simulator.templates import builtin_templates
+from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+from lotcrs_plugin.data.synthetic.generator import generate
 from lotcrs_plugin.errors import UserError
 
 from simulator_data import TRAIN, write_dataset
@@ -137,7 +138,7 @@ def test_no_simulated_turn_names_an_attribute_outside_its_thread(tmp_path, seed)
     """Synthetic dialogs say mood words of their items' genres ("it was so scary"); mined into
     templates they would land in the threads of other genres. Over a whole simulation of a
     synthetic catalog, every genre, person and title a turn names is its thread's."""
-    folder = synthetic.generate(synthetic.SyntheticConfig(n_items=60, n_conversations=300, n_genres=12,
+    folder = generate(SyntheticConfig(n_items=60, n_conversations=300, n_genres=12,
                                                           n_people=80, seed=seed), tmp_path / "syn")
     out = simulate(folder, SimulationConfig(per_item=10, mined_template_share=0.8, seed=seed),
                    out_dir=tmp_path / "sim")
@@ -158,7 +159,7 @@ def test_no_simulated_turn_names_an_attribute_outside_its_thread(tmp_path, seed)
 # ---------------------------------------------------------------------------- other templates
 
 def test_builtin_templates_name_nothing_of_these_catalogs(planted, tmp_path):
-    syn = synthetic.generate(synthetic.SyntheticConfig(n_items=60, n_conversations=60, seed=3), tmp_path / "syn")
+    syn = generate(SyntheticConfig(n_items=60, n_conversations=60, seed=3), tmp_path / "syn")
     for folder in (planted, syn):
         m = NameMatcher(Catalog.from_folder(folder))
         for t in builtin_templates():

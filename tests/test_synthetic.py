@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lotcrs_plugin.data.synthetic import SyntheticConfig, ensure_generated, generate, tokenize
+from lotcrs_plugin.data.synthetic.config import SyntheticConfig
+from lotcrs_plugin.data.synthetic.dataset import ensure_generated
+from lotcrs_plugin.data.synthetic.generator import generate
+from lotcrs_plugin.data.synthetic.templates import tokenize
 from lotcrs_plugin.errors import UserError
 
 LAYOUT_FILES = ("dataset.json", "train_data.json", "valid_data.json", "test_data.json",

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from lotcrs_plugin.data.pretrain_samples import TurnTable
+from lotcrs_plugin.data.turns import TurnTable
 from lotcrs_plugin.errors import UserError
 
 ITEM_FEATURES = ("by_seeker", "by_recommender", "log_count", "last_turn", "last_3_turns")

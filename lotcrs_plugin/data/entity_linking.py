@@ -1,6 +1,6 @@
 """Attribute mentions in free text (a user's message in ``--interact``), linked to the entity names
 that a dataset's turns list under ``entity``, so that a typed message reaches the model as a test
-turn does (lotcrs_plugin.data.pretrain_samples marks those spans as keywords).
+turn does (lotcrs_plugin.data.turns marks those spans as keywords).
 
 An attribute (genre, person, ...) of the catalog is found by the spellings the recommendation
 samples use (its entity name and display names), at word boundaries, longest first; a spelling of
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from lotcrs_plugin.data.catalog import Catalog
-from lotcrs_plugin.data.pretrain_samples import _attribute_surfaces, _find_all
+from lotcrs_plugin.data.item_vocab import _attribute_surfaces, _find_all
 
 MIN_CHARS = 3
 

@@ -1,7 +1,7 @@
 """LOT-CRS fine-tuning samples (pipeline step 3) and their batches.
 
 Dialogs are tokenized once with the backbone's tokenizer into a
-:class:`~lotcrs_plugin.data.pretrain_samples.TurnTable` (item mentions become item tokens), then:
+:class:`~lotcrs_plugin.data.turns.TurnTable` (item mentions become item tokens), then:
 
 - real data (:func:`recommendation_index`): one sample per distinct item that a Recommender turn
   names (``movies``), its context the dialog's turns before that turn; ``mentioned`` says whether
@@ -31,9 +31,10 @@ import torch
 
 from lotcrs_plugin.data.context_evidence import EvidenceBatch, EvidenceBuilder
 from lotcrs_plugin.data.length_buckets import bucketed_order
-from lotcrs_plugin.data.pretrain_samples import TurnTable, cca_index, collate
+from lotcrs_plugin.data.pretrain_samples import cca_index, collate
+from lotcrs_plugin.data.turns import TurnTable
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.backbones.base import InputFormat, TokenBatch
+from lotcrs_plugin.model.backbones.inputs import InputFormat, TokenBatch
 
 RECOMMENDER = "Recommender"
 SUBSET_UNMENTIONED = "unmentioned"  # the evaluator subset: targets not named earlier in the dialog

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig
+from lotcrs_plugin.model.retrieval import MemoryStore
 
 MANIFEST = "knn.json"
 

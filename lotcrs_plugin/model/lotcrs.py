@@ -32,8 +32,9 @@ from torch import nn
 
 from lotcrs_plugin.config_blocks.finetune import BLOCK, FinetuneConfig
 from lotcrs_plugin.config_blocks.rerank import RerankConfig
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 from lotcrs_plugin.data.context_evidence import EvidenceBatch, ItemAttributes
-from lotcrs_plugin.data.pretrain_samples import ItemVocab
+from lotcrs_plugin.data.item_vocab import ItemVocab
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.evaluator.ranking import Ranking, rank_dense, rank_linear
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, build_backbone
@@ -43,7 +44,7 @@ from lotcrs_plugin.model.fusion import RetrievalFusion
 from lotcrs_plugin.model.heads import HeadConfig, ItemHead, build_head
 from lotcrs_plugin.model.knn import KnnVoter, knn_bonus
 from lotcrs_plugin.model.sample_rankers import SampleRanker, train_popularity
-from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig, RetrievalResult
+from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalResult
 from lotcrs_plugin.model.tail_slots import NOT_TAIL, merge_tail_slots, slot_mask
 
 MODEL_NAME = "LOTCRS"

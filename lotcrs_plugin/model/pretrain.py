@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lotcrs_plugin.config_blocks.pretrain import BLOCK, PretrainConfig
-from lotcrs_plugin.data.pretrain_samples import ItemVocab, PretrainBatch
+from lotcrs_plugin.data.item_vocab import ItemVocab
+from lotcrs_plugin.data.pretrain_samples import PretrainBatch
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones import EntityKG, TokenBatch, build_backbone
 from lotcrs_plugin.model.pretrain_losses import ProjectionHead, info_nce, mask_keywords, masked_lm_loss

@@ -3,135 +3,30 @@
 Built from the simulated data: one entry per (context, item) with key = the context
 representation with the item masked [N, Hk], value = the backbone's hidden state at the mask
 [N, Hv], and the entry's item id. Keys go into a faiss inner-product index (``flat``: exact,
-the authors' IndexFlatIP; ``ivf`` or ``hnsw``: approximate, for large catalogs); values stay
-in a torch tensor, copied once to each device that queries it, so :meth:`MemoryStore.search`
-returns them where the query lives.
-
-The config block ``retrieval:`` (:class:`RetrievalConfig`) also carries the fusion and
-retrieval-loss settings that lotcrs_plugin.model.fusion uses; the kNN vote and the tail slots
-(beyond the paper) have their own block, ``rerank:`` (lotcrs_plugin.config_blocks.rerank).
+the authors' IndexFlatIP; ``ivf`` or ``hnsw``: approximate, for large catalogs;
+lotcrs_plugin.model.faiss_index); values stay in a torch tensor, copied once to each device that
+queries it, so :meth:`MemoryStore.search` returns them where the query lives. Its settings are
+the ``retrieval:`` block (lotcrs_plugin.config_blocks.retrieval).
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from loguru import logger
 
 from lotcrs_plugin.config_blocks.rerank import RERANK_KEYS
-from lotcrs_plugin.config_block import is_int, is_number
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 from lotcrs_plugin.errors import UserError
+from lotcrs_plugin.model.faiss_index import _make_index
 
-INDEX_KINDS = ("flat", "ivf", "hnsw", "ivf_pq")
 MANIFEST = "manifest.json"
 FORMAT = "lotcrs-memory-store"
 FORMAT_VERSION = 1
-# faiss warns below 39 training points per IVF cell; fewer cells than that are clamped away
-_IVF_POINTS_PER_CELL = 39
-# k-means of the ivf_pq cells trains on a seeded sample of this many keys per cell (ivf keeps
-# faiss's 256, which makes building over millions of keys take many minutes)
-_PQ_TRAIN_PER_CELL = 64
-
-
-@dataclass(frozen=True)
-class RetrievalConfig:
-    """The ``retrieval:`` block: memory store, fusion and retrieval loss.
-
-    Store:
-      index:           flat (exact inner product, faiss IndexFlatIP), ivf (IndexIVFFlat, keys
-                       clustered into ``nlist`` cells, ``nprobe`` searched), hnsw
-                       (IndexHNSWFlat, graph with ``hnsw_m`` links, ``ef_search`` beam) or
-                       ivf_pq (for millions of keys: IndexIVFPQFastScan, the cells hold 4-bit
-                       product-quantised codes scanned with SIMD; the best
-                       ``refine_factor`` x k candidates are re-scored exactly against the keys).
-      top_k:           entries retrieved per query.
-      normalize:       L2-normalise keys and queries (cosine similarity instead of inner product).
-      max_per_item:    keep at most this many entries per item (the authors keep 10); null keeps all.
-      sample_seed:     null keeps each item's first entries in input order; an integer draws
-                       them at random with this seed.
-      nlist, nprobe:   ivf / ivf_pq cells (0: about 4 sqrt(N) for ivf, 0.75 sqrt(N) for ivf_pq,
-                       whose cells are cheap to scan; clamped to N // 39 so every cell has
-                       training points) and cells searched per query.
-      pq_m, refine_factor: ivf_pq sub-vectors per key (0: the largest divisor of the key size
-                       up to a eighth of it, 48 for 384) and candidates re-scored per result.
-      hnsw_m, ef_construction, ef_search: hnsw links per node, build beam and search beam
-                       (raised to top_k when smaller).
-      exclude_same_item: while training, drop entries of the sample's own item from its
-                       neighbours (for a store built from the data being trained on).
-    Fusion (lotcrs_plugin.model.fusion.RetrievalFusion):
-      fusion_weight:   w in LayerNorm(h + w * attention); dropout: on the attention output.
-    Retrieval loss (lotcrs_plugin.model.fusion.retrieval_contrastive_loss):
-      loss_weight:     its weight in the fine-tuning loss (authors: 0.6; 0 turns it off).
-      n_pos, n_neg:    keys of the target item (positives) and of other items (negatives) per query.
-      temperature:     softmax temperature of the scores.
-    """
-
-    index: str = "flat"
-    top_k: int = 10
-    normalize: bool = False
-    max_per_item: int | None = 10
-    sample_seed: int | None = None
-    nlist: int = 0
-    nprobe: int = 32
-    hnsw_m: int = 32
-    ef_construction: int = 40
-    ef_search: int = 64
-    exclude_same_item: bool = False
-    pq_m: int = 0
-    refine_factor: int = 4
-    fusion_weight: float = 1.0
-    dropout: float = 0.1
-    loss_weight: float = 0.6
-    n_pos: int = 4
-    n_neg: int = 512
-    temperature: float = 0.05
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "RetrievalConfig":
-        """Validate a ``retrieval:`` block; UserError names an unknown key or a wrong value."""
-        d = dict(d or {})
-        known = [f.name for f in fields(cls)]
-        for key in d:
-            if key in RERANK_KEYS:
-                raise UserError(f"key '{key}' belongs to the rerank: block now (the kNN vote and the tail slots); "
-                                f"move it to rerank.{key}")
-            if key not in known:
-                raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
-        if "index" in d and d["index"] not in INDEX_KINDS:
-            raise UserError(f"key 'index' must be one of {', '.join(INDEX_KINDS)}, not {d['index']!r}")
-        for key in ("normalize", "exclude_same_item"):
-            if key in d and not isinstance(d[key], bool):
-                raise UserError(f"key '{key}' must be true or false, not {d[key]!r}")
-        for key in ("top_k", "nprobe", "hnsw_m", "ef_construction", "ef_search", "n_pos", "n_neg",
-                    "refine_factor"):
-            if key in d and not (is_int(d[key]) and d[key] > 0):
-                raise UserError(f"key '{key}' must be an integer > 0, not {d[key]!r}")
-        for key in ("nlist", "pq_m"):
-            if key in d and not (is_int(d[key]) and d[key] >= 0):
-                raise UserError(f"key '{key}' must be an integer >= 0 (0: automatic), not {d[key]!r}")
-        if d.get("max_per_item") is not None and not (is_int(d["max_per_item"]) and d["max_per_item"] > 0):
-            raise UserError(f"key 'max_per_item' must be an integer > 0 or null, not {d['max_per_item']!r}")
-        if d.get("sample_seed") is not None and not is_int(d["sample_seed"]):
-            raise UserError(f"key 'sample_seed' must be an integer or null, not {d['sample_seed']!r}")
-        for key, low, high in (("fusion_weight", 0.0, math.inf), ("loss_weight", 0.0, math.inf),
-                               ("dropout", 0.0, 1.0)):
-            if key in d:
-                if not is_number(d[key]) or not low <= d[key] < high:
-                    raise UserError(f"key '{key}' must be a number in [{low:g}, {high:g}), not {d[key]!r}")
-                d[key] = float(d[key])
-        if "temperature" in d:
-            if not is_number(d["temperature"]) or not d["temperature"] > 0:
-                raise UserError(f"key 'temperature' must be a number > 0, not {d['temperature']!r}")
-            d["temperature"] = float(d["temperature"])
-        return cls(**d)
-
-
 
 
 class RetrievalResult(NamedTuple):
@@ -475,50 +370,3 @@ def _normalize(x: np.ndarray) -> None:
     """L2-normalise rows in place (zero rows stay zero)."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     np.divide(x, norms, out=x, where=norms > 0)
-
-
-def ivf_cells(nlist: int, n: int, kind: str = "ivf") -> int:
-    """The cells for n keys: ``nlist``, else about 4 sqrt(n) (ivf) or 0.75 sqrt(n) (ivf_pq: scanning
-    a cell's 4-bit codes is so cheap that comparing each query with every cell centroid dominates,
-    so fewer, larger cells are faster at the same recall: at 2M keys 1024 cells beat 2121 and
-    5657, benchmarks/results/retrieval_n2000000.md); at most n // 39 (faiss wants 39 training
-    points per cell), at least 1."""
-    want = nlist or int(round((0.75 if kind == "ivf_pq" else 4.0) * math.sqrt(n)))
-    return max(1, min(want, n // _IVF_POINTS_PER_CELL))
-
-
-def auto_pq_m(d: int) -> int:
-    """Sub-vectors of an ivf_pq code: the largest divisor of d up to d / 8 (8 dimensions, 4 bits each)."""
-    return max(m for m in range(1, max(1, d // 8) + 1) if d % m == 0)
-
-
-def _make_index(config: RetrievalConfig, keys: np.ndarray) -> Any:
-    import faiss
-
-    n, d = keys.shape
-    ip = faiss.METRIC_INNER_PRODUCT
-    if config.index == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif config.index in ("ivf", "ivf_pq"):
-        nlist = ivf_cells(config.nlist, n, config.index)
-        if config.nlist and nlist != config.nlist:
-            logger.info(f"[retrieval] {config.index}: {n} keys support {nlist} cells, not {config.nlist}")
-        if config.index == "ivf":
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, ip)
-        else:
-            m = config.pq_m or auto_pq_m(d)
-            if d % m:
-                raise UserError(f"retrieval: pq_m {m} must divide the key size {d}; e.g. pq_m: {auto_pq_m(d)}")
-            index = faiss.IndexIVFPQFastScan(faiss.IndexFlatIP(d), d, nlist, m, 4, ip)
-        seed = 1234 if config.sample_seed is None else config.sample_seed
-        index.cp.seed = seed
-        train = keys
-        if config.index == "ivf_pq" and n > _PQ_TRAIN_PER_CELL * nlist:
-            rows = np.sort(np.random.default_rng(seed).choice(n, _PQ_TRAIN_PER_CELL * nlist, replace=False))
-            train = keys[rows]
-        index.train(train)
-    else:
-        index = faiss.IndexHNSWFlat(d, config.hnsw_m, ip)
-        index.hnsw.efConstruction = config.ef_construction
-    index.add(keys)
-    return index

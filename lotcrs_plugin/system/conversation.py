@@ -318,7 +318,7 @@ class LOTCRSView:
     def rec_pass(self, dialogs: Sequence[Mapping[str, Any]], samples: Sequence[tuple[int, int]]
                  ) -> tuple[np.ndarray, np.ndarray]:
         from lotcrs_plugin.data.finetune_samples import RecData, RecIndex
-        from lotcrs_plugin.data.pretrain_samples import tokenize_dialogs
+        from lotcrs_plugin.data.turns import tokenize_dialogs
 
         s = self.system
         model, bb = s.model, s.model.backbone

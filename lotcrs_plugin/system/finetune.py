@@ -22,9 +22,9 @@ import torch
 from loguru import logger
 
 from lotcrs_plugin.config_blocks.finetune import FinetuneConfig
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.fusion import retrieval_contrastive_loss
-from lotcrs_plugin.model.retrieval import RetrievalConfig
 from lotcrs_plugin.model.smoothing import SmoothingConfig, TeacherScores, label_smoothness_loss
 from lotcrs_plugin.system.loop import LossSums, TrainLoop, atomic_save, cpu_state, load_checkpoint_file
 from lotcrs_plugin.system.samples import RecSamples, autocast

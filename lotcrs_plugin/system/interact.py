@@ -10,7 +10,7 @@ import torch
 
 from lotcrs_plugin.data.context_evidence import EvidenceBuilder
 from lotcrs_plugin.data.finetune_samples import RecData, RecIndex, turn_roles
-from lotcrs_plugin.data.pretrain_samples import tokenize_dialogs
+from lotcrs_plugin.data.turns import tokenize_dialogs
 from lotcrs_plugin.system.samples import autocast
 from lotcrs_plugin.system.scoring import TOP_K
 

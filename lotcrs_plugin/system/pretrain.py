@@ -46,10 +46,11 @@ from crslab.system.base import BaseSystem  # noqa: E402
 from loguru import logger  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lotcrs_plugin.data.item_vocab import ItemVocab  # noqa: E402
 from lotcrs_plugin.data.pretrain_samples import (  # noqa: E402
-    ItemVocab, PretrainBatch, PretrainBatchSampler, PretrainData, cca_index, dmp_index, first,
-    tokenize_dialogs,
+    PretrainBatch, PretrainBatchSampler, PretrainData, cca_index, dmp_index, first,
 )
+from lotcrs_plugin.data.turns import tokenize_dialogs  # noqa: E402
 from lotcrs_plugin.config_blocks.pretrain import BLOCK, PretrainConfig  # noqa: E402
 from lotcrs_plugin.model.pretrain import MODEL_NAME  # noqa: E402
 from lotcrs_plugin.system import distributed  # noqa: E402

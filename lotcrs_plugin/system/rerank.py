@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from loguru import logger
 
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 from lotcrs_plugin.data.finetune_samples import per_item_rows
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.knn import KnnVoter, context_keys, knn_store
 from lotcrs_plugin.model.lotcrs import with_tail_slots
-from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig
+from lotcrs_plugin.model.retrieval import MemoryStore
 from lotcrs_plugin.model.tail_slots import describe, grid_settings
 from lotcrs_plugin.system.samples import RecSamples, autocast
 from lotcrs_plugin.system.scoring import TOP_K, evaluate_lists, evaluate_ranking, validation_scores

@@ -17,7 +17,7 @@ from lotcrs_plugin.data.context_evidence import EvidenceBuilder
 from lotcrs_plugin.data.finetune_samples import (
     IndexBatches, RecData, loader, recommendation_index, sample_counts, simulated_index, turn_roles,
 )
-from lotcrs_plugin.data.pretrain_samples import tokenize_dialogs
+from lotcrs_plugin.data.turns import tokenize_dialogs
 from lotcrs_plugin.errors import UserError
 
 

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from loguru import logger
 
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 from lotcrs_plugin.data.finetune_samples import per_item_rows
-from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig
+from lotcrs_plugin.model.retrieval import MemoryStore
 from lotcrs_plugin.system.samples import RecSamples, autocast
 
 ROWS_FILE = "simulated_rows.npy"  # beside the store: which simulated sample each entry is

@@ -1,4 +1,4 @@
-"""The backbone interface of LOT-CRS and the registry of backbones.
+"""The backbone interface of LOT-CRS.
 
 A backbone is a pretrained language model made ready for conversational recommendation:
 
@@ -13,21 +13,16 @@ A backbone is a pretrained language model made ready for conversational recommen
   :meth:`~Backbone.item_logits` scores the items only: the item-token rows of the prediction
   head, the verbaliser; :meth:`~Backbone.context_representation` pools a context into one vector.
 
-Backbones are chosen by name (config key ``backbone``). A new backbone is ONE module in this
-package that defines a :class:`Backbone` subclass decorated with ``@register_backbone("name")``:
-the package's modules are imported on the first lookup. A name taken twice is refused.
+Backbones are chosen by name (lotcrs_plugin.model.backbones.registry).
 
 Shapes: B batch, T positions, H hidden size, V vocabulary size (item tokens included), N items.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import itertools
 import json
 import os
-import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
@@ -38,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lotcrs_plugin.errors import UserError
+from lotcrs_plugin.model.backbones.inputs import EntityKG, InputFormat, TokenBatch
 
 ITEM_TOKEN = "<item_{}>"              # the vocabulary token of the catalog's k-th item
 MASK_PLACEHOLDER = "[MASK]"           # in a prompt: the backbone's own mask token
@@ -46,106 +42,6 @@ POOLINGS = ("cls", "mean", "first_last")
 EXPORT_FILE = "lotcrs_backbone.json"  # marks a folder written by Backbone.save_pretrained
 EXPORT_FORMAT = "lotcrs-backbone"
 
-
-# ---- batches ---------------------------------------------------------------------------------
-
-@dataclass
-class TokenBatch:
-    """A padded batch of formatted inputs (right padding).
-
-    input_ids, attention_mask: (B, T) long. keyword_mask: (B, T) bool, the positions of keyword
-    tokens (item tokens and the tokens of attribute names). entity_ids: (B, T) long, the dataset
-    entity id of a keyword at the FIRST token of its span, 0 elsewhere. mask_positions: (B,) long,
-    the position of the prompt's mask token (-1 when there is no prompt).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    keyword_mask: torch.Tensor | None = None
-    entity_ids: torch.Tensor | None = None
-    mask_positions: torch.Tensor | None = None
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TokenBatch":
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return TokenBatch(**{k: fn(v) if v is not None else None for k, v in values.items()})
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TokenBatch":
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "TokenBatch":
-        return self._map(lambda t: t.pin_memory())
-
-    def replace(self, **changes: Any) -> "TokenBatch":
-        return dataclasses.replace(self, **changes)
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-@dataclass
-class EntityKG:
-    """The dataset's entity graph, as UniCRS's R-GCN reads it (both directions and self loops
-    are already in ``side_data['entity_kg']['edge']`` of the processed datasets)."""
-
-    n_entity: int
-    n_relation: int
-    edge_index: torch.Tensor  # (2, E) long: heads, tails
-    edge_type: torch.Tensor   # (E,) long
-
-    @classmethod
-    def from_side_data(cls, side_data: Mapping[str, Any], n_entity: int) -> "EntityKG":
-        """From CRSLab's ``side_data`` (``entity_kg.edge`` as (head, tail, relation) rows)."""
-        kg = side_data.get("entity_kg") if side_data else None
-        if not kg or "edge" not in kg:
-            raise UserError("the dataset has no entity KG (side_data['entity_kg']); the unicrs backbone needs one")
-        edges = torch.as_tensor(np.asarray(kg["edge"], dtype=np.int64).reshape(-1, 3))
-        n_relation = int(kg.get("n_relation", int(edges[:, 2].max()) + 1 if len(edges) else 1))
-        return cls(int(n_entity), n_relation, edges[:, :2].t().contiguous(), edges[:, 2].contiguous())
-
-
-@dataclass(frozen=True)
-class InputFormat:
-    """How a backbone turns a context into one input (see :meth:`build`)."""
-
-    bos_ids: tuple[int, ...]
-    sep_ids: tuple[int, ...]
-    prompt_ids: tuple[int, ...]
-    prompt_mask_index: int
-    pad_id: int
-    mask_id: int
-    max_length: int
-
-    def build(self, ids: np.ndarray, keyword: np.ndarray | None = None, entity: np.ndarray | None = None,
-              *, prompt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """``bos + context[-budget:] (+ prompt + sep)``, at most ``max_length`` ids.
-
-        ``ids``: the context's token ids, every turn followed by ``sep_ids``; ``keyword`` /
-        ``entity``: per-token arrays aligned with it. The context is cut from the LEFT (the most
-        recent turns stay). Returns (ids, keyword, entity, position of the prompt's mask or -1).
-        """
-        tail = (self.prompt_ids + self.sep_ids) if prompt else ()
-        n_bos, n_tail = len(self.bos_ids), len(tail)
-        budget = self.max_length - n_bos - n_tail
-        if budget < 1:
-            raise UserError(f"max_length {self.max_length} leaves no room for the context (the prompt and "
-                            f"special tokens take {n_bos + n_tail})")
-        start = max(0, len(ids) - budget)
-        n_ctx = len(ids) - start
-        out = np.empty(n_bos + n_ctx + n_tail, dtype=np.int64)
-        out[:n_bos] = self.bos_ids
-        out[n_bos:n_bos + n_ctx] = ids[start:]
-        out[n_bos + n_ctx:] = tail
-        kw = np.zeros(len(out), dtype=bool)
-        ent = np.zeros(len(out), dtype=np.int64)
-        if keyword is not None:
-            kw[n_bos:n_bos + n_ctx] = keyword[start:]
-        if entity is not None:
-            ent[n_bos:n_bos + n_ctx] = entity[start:]
-        mask_pos = n_bos + n_ctx + self.prompt_mask_index if prompt else -1
-        return out, kw, ent, mask_pos
-
-
-# ---- the interface ---------------------------------------------------------------------------
 
 @dataclass
 class Vocabulary:
@@ -406,104 +302,6 @@ def _add_tokens(voc: Vocabulary, tokens: list[str], names: list[str]) -> int:
             means = F.embedding_bag(flat.to(table.device), table[:before], offsets.to(table.device), mode="mean")
             table[rows[has]] = means[has].to(table.dtype)
     return first
-
-
-# ---- registry --------------------------------------------------------------------------------
-
-_BACKBONES: dict[str, type[Backbone]] = {}
-_discovered = False
-
-
-def register_backbone(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
-    """Class decorator: make a :class:`Backbone` subclass available as ``backbone: name``.
-
-    Refuses a name already taken by another class, and a class that is not a Backbone.
-    """
-    from lotcrs_plugin.registry import RegistryError
-
-    def decorate(cls: type[Backbone]) -> type[Backbone]:
-        if not (isinstance(cls, type) and issubclass(cls, Backbone)):
-            raise RegistryError(f"backbone '{name}': {cls!r} is not a subclass of {Backbone.__module__}.Backbone")
-        present = _BACKBONES.get(name)
-        if present is not None and present is not cls and present.__qualname__ != cls.__qualname__:
-            raise RegistryError(f"cannot register backbone '{name}' as {cls.__module__}.{cls.__qualname__}: the "
-                                f"name is already taken by {present.__module__}.{present.__qualname__}; "
-                                f"choose another name")
-        cls.name = name
-        _BACKBONES[name] = cls
-        return cls
-
-    return decorate
-
-
-def _discover() -> None:
-    """Import every module of this package once, so that their decorators run."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    package = __name__.rpartition(".")[0]
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
-
-
-def backbone_names() -> list[str]:
-    _discover()
-    return sorted(_BACKBONES)
-
-
-def backbone_class(name: str) -> type[Backbone]:
-    """The class registered as ``name``; UserError listing the valid names otherwise."""
-    _discover()
-    cls = _BACKBONES.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise UserError(f"unknown backbone {name!r}; valid backbones: {', '.join(sorted(_BACKBONES))}")
-    return cls
-
-
-def is_export(path: Any) -> bool:
-    return isinstance(path, (str, os.PathLike)) and (Path(path).expanduser() / EXPORT_FILE).is_file()
-
-
-def build_backbone(name: str, path: str | Mapping[str, str] | os.PathLike, *, kg: EntityKG | None = None,
-                   prompt: str = DEFAULT_PROMPT) -> Backbone:
-    """The backbone ``name`` loaded from ``path`` (a Hugging Face name, a local folder, or a folder
-    written by :meth:`Backbone.save_pretrained`, whose item tokens come along)."""
-    cls = backbone_class(name)
-    if is_export(path):
-        return load_backbone(path, kg=kg, expect=name, prompt=prompt)
-    return cls.from_pretrained(_expand(path), kg=kg, prompt=prompt)
-
-
-def load_backbone(folder: str | os.PathLike, *, kg: EntityKG | None = None, expect: str | None = None,
-                  prompt: str | None = None) -> Backbone:
-    """Rebuild a backbone written by :meth:`Backbone.save_pretrained` (item tokens included)."""
-    folder = Path(folder).expanduser()
-    meta_path = folder / EXPORT_FILE
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{meta_path}: not a backbone written by lotcrs_plugin ({e})") from None
-    if meta.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{meta_path}: \"format\" must be {EXPORT_FORMAT!r}")
-    name = meta.get("backbone")
-    if expect is not None and name != expect:
-        raise UserError(f"{folder} holds a '{name}' backbone, but the config says backbone: {expect}")
-    cls = backbone_class(name)
-    backbone = cls.from_pretrained(str(folder), kg=kg, prompt=prompt or meta.get("prompt", DEFAULT_PROMPT))
-    backbone._restore_items({**meta, "folder": str(folder)})
-    backbone._items_added()
-    backbone.source = meta.get("source", "")
-    return backbone
-
-
-def _expand(path: Any) -> Any:
-    if isinstance(path, Mapping):
-        return {k: _expand(v) for k, v in path.items()}
-    if isinstance(path, (str, os.PathLike)):
-        return os.path.expanduser(str(path))  # a hub name has no "~" and passes unchanged
-    raise UserError(f"backbone_path must be a model name or folder, not {path!r}")
 
 
 def load_hf(loader: Callable[..., Any], path: str, what: str, **kwargs: Any) -> Any:

@@ -20,9 +20,9 @@ from loguru import logger
 from torch import nn
 
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.backbones.base import (
-    DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, Vocabulary, load_hf, register_backbone,
-)
+from lotcrs_plugin.model.backbones.base import DEFAULT_PROMPT, Backbone, Vocabulary, load_hf
+from lotcrs_plugin.model.backbones.inputs import EntityKG, TokenBatch
+from lotcrs_plugin.model.backbones.registry import register_backbone
 
 
 @register_backbone("bert")

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.backbones.base import (
-    DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, Vocabulary, load_hf, register_backbone,
-)
+from lotcrs_plugin.model.backbones.base import DEFAULT_PROMPT, Backbone, Vocabulary, load_hf
+from lotcrs_plugin.model.backbones.inputs import EntityKG, TokenBatch
+from lotcrs_plugin.model.backbones.registry import register_backbone
 
 N_BASES = 8
 MIN_SHARED_VOCAB = 0.9   # share of decoder tokens the text encoder must know by string

@@ -18,8 +18,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from lotcrs_plugin.config_blocks.retrieval import RetrievalConfig
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.retrieval import MemoryStore, RetrievalConfig
+from lotcrs_plugin.model.retrieval import MemoryStore
 
 RESPONSES = "responses.json"
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from lotcrs_plugin.data.pretrain_samples import ItemVocab, _find_all, _item_surfaces
+from lotcrs_plugin.data.item_vocab import ItemVocab, _find_all, _item_surfaces
 
 SLOT = "<movie>"
 RETRIEVED_TAG = "similar: "

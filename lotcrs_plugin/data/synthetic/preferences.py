@@ -1,7 +1,7 @@
 """The synthetic dataset's stated preferences: which (genre, person) pair of an item a seeker who
 wants it names, and how often such a pair belongs to that item alone.
 
-``cat`` is the generator's catalog (lotcrs_plugin.data.synthetic._Catalog): per item up to 3 genres
+``cat`` is the generator's catalog (lotcrs_plugin.data.synthetic.sampling._Catalog): per item up to 3 genres
 (``genres``, ``n_genres_of``), 2-3 stars (``stars``, ``n_stars_of``), a director and a writer. Its
 people are read as one (n_items, 5) table: the 3 star columns, then director, then writer.
 """
