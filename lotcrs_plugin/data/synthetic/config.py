@@ -14,9 +14,7 @@ from lotcrs_plugin.errors import UserError
 
 NAME = "synthetic"
 # Bump when the generated content changes for the same settings: it is part of the cache key.
-GENERATOR_VERSION = 2  # 2: stated preferences decide the recommended item
-FORMAT = "lotcrs-processed"
-FORMAT_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)

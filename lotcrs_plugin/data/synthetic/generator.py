@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from lotcrs_plugin.data.synthetic.config import FORMAT, FORMAT_VERSION, GENERATOR_VERSION, NAME, SyntheticConfig
+from lotcrs_plugin.data.processed_folder import FORMAT, FORMAT_VERSION
+from lotcrs_plugin.data.synthetic.config import GENERATOR_VERSION, NAME, SyntheticConfig
 from lotcrs_plugin.data.synthetic.preferences import preference_stats
 from lotcrs_plugin.data.synthetic.sampling import _catalog, _Catalog, _dialogs, _Dialogs
 from lotcrs_plugin.data.synthetic.templates import RECOMMENDER, TEMPLATES, _tok_fragment, tokenize
