@@ -24,6 +24,16 @@ from lotcrs_plugin.errors import UserError
 
 ENTRY_POINT_GROUP = "crslab.plugins"
 
+
+def import_part_modules(package: str, folder: Path, skip: tuple[str, ...] = ()) -> None:
+    """Import every module of ``package`` (found in ``folder``) but those in ``skip`` and the private
+    ones, so that the register decorators of the parts they define run (backbones, heads)."""
+    import pkgutil
+
+    for info in pkgutil.iter_modules([str(folder)]):
+        if info.name not in skip and not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
+
 # The plugin's own parts, as "module:attribute" so that listing them imports nothing.
 # table -> {name: target}; datasets carry their language.
 PLUGIN_PARTS: dict[str, dict[str, str]] = {

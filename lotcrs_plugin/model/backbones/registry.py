@@ -7,16 +7,15 @@ first lookup. A name taken twice is refused.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import pkgutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones.base import DEFAULT_PROMPT, EXPORT_FILE, EXPORT_FORMAT, Backbone
 from lotcrs_plugin.model.backbones.inputs import EntityKG
+from lotcrs_plugin.registry import import_part_modules
 
 # the modules of this package that hold no backbone
 _NOT_BACKBONES = ("base", "inputs", "registry")
@@ -53,10 +52,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    package = __name__.rpartition(".")[0]
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if info.name not in _NOT_BACKBONES and not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
+    import_part_modules(__name__.rpartition(".")[0], Path(__file__).parent, _NOT_BACKBONES)
 
 
 def backbone_names() -> list[str]:

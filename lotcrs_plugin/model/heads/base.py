@@ -14,8 +14,6 @@ taken twice is refused.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
@@ -26,6 +24,7 @@ from torch import nn
 
 from lotcrs_plugin.config_block import typed_values
 from lotcrs_plugin.errors import UserError
+from lotcrs_plugin.registry import import_part_modules
 
 READS = ("mask", "mean", "cls")
 LinearParts = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
@@ -149,10 +148,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    package = __name__.rpartition(".")[0]
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
+    import_part_modules(__name__.rpartition(".")[0], Path(__file__).parent, ("base",))
 
 
 def head_names() -> list[str]:
