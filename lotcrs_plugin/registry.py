@@ -80,6 +80,26 @@ class RegistryError(UserError):
     """A name is already registered to something else."""
 
 
+def class_registrar(table: dict[str, type], kind: str, base: type, name: str) -> Callable[[type], type]:
+    """A class decorator binding ``name`` to the class in ``table`` (and setting the class's ``name``).
+    It refuses a class that is not a ``base`` and a name bound to another class; the same class
+    imported again (its qualified name unchanged) passes."""
+
+    def decorate(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise RegistryError(f"{kind} '{name}': {cls!r} is not a subclass of {base.__module__}.{base.__qualname__}")
+        present = table.get(name)
+        if present is not None and present is not cls and present.__qualname__ != cls.__qualname__:
+            raise RegistryError(f"cannot register {kind} '{name}' as {cls.__module__}.{cls.__qualname__}: the "
+                                f"name is already taken by {present.__module__}.{present.__qualname__}; "
+                                f"choose another name")
+        cls.name = name
+        table[name] = cls
+        return cls
+
+    return decorate
+
+
 def crslab_table(table: str) -> dict:
     module, attr = CRSLAB_TABLES[table]
     return getattr(importlib.import_module(module), attr)

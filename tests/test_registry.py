@@ -69,3 +69,29 @@ def test_paths_point_crslab_at_root(tmp_path):
     for name, module in sys.modules.items():
         if name.startswith("crslab") and module is not None and "DATASET_PATH" in vars(module):
             assert module.DATASET_PATH.startswith(str(tmp_path)), name
+
+
+def test_class_registrar_binds_once_and_refuses_another_class_or_a_wrong_kind():
+    from lotcrs_plugin.registry import RegistryError, class_registrar
+
+    class Base:
+        pass
+
+    table: dict[str, type] = {}
+
+    @class_registrar(table, "part", Base, "one")
+    class One(Base):
+        pass
+
+    assert table == {"one": One} and One.name == "one"
+    assert class_registrar(table, "part", Base, "one")(One) is One  # the same class again passes
+
+    class Other(Base):
+        pass
+
+    with pytest.raises(RegistryError, match=r"cannot register part 'one' as .*Other: the name is already taken "
+                                            r"by .*One; choose another name"):
+        class_registrar(table, "part", Base, "one")(Other)
+    with pytest.raises(RegistryError, match=r"part 'two': .* is not a subclass of .*Base"):
+        class_registrar(table, "part", Base, "two")(int)
+    assert table == {"one": One}

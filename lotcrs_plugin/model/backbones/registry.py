@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones.base import DEFAULT_PROMPT, EXPORT_FILE, EXPORT_FORMAT, Backbone
 from lotcrs_plugin.model.backbones.inputs import EntityKG
-from lotcrs_plugin.registry import import_part_modules
+from lotcrs_plugin.registry import class_registrar, import_part_modules
 
 # the modules of this package that hold no backbone
 _NOT_BACKBONES = ("base", "inputs", "registry")
@@ -29,21 +29,7 @@ def register_backbone(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
 
     Refuses a name already taken by another class, and a class that is not a Backbone.
     """
-    from lotcrs_plugin.registry import RegistryError
-
-    def decorate(cls: type[Backbone]) -> type[Backbone]:
-        if not (isinstance(cls, type) and issubclass(cls, Backbone)):
-            raise RegistryError(f"backbone '{name}': {cls!r} is not a subclass of {Backbone.__module__}.Backbone")
-        present = _BACKBONES.get(name)
-        if present is not None and present is not cls and present.__qualname__ != cls.__qualname__:
-            raise RegistryError(f"cannot register backbone '{name}' as {cls.__module__}.{cls.__qualname__}: the "
-                                f"name is already taken by {present.__module__}.{present.__qualname__}; "
-                                f"choose another name")
-        cls.name = name
-        _BACKBONES[name] = cls
-        return cls
-
-    return decorate
+    return class_registrar(_BACKBONES, "backbone", Backbone, name)
 
 
 def _discover() -> None:

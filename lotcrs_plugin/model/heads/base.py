@@ -24,7 +24,7 @@ from torch import nn
 
 from lotcrs_plugin.config_block import typed_values
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.registry import import_part_modules
+from lotcrs_plugin.registry import class_registrar, import_part_modules
 
 READS = ("mask", "mean", "cls")
 LinearParts = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
@@ -127,20 +127,7 @@ _discovered = False
 
 def register_head(name: str) -> Callable[[type[ItemHead]], type[ItemHead]]:
     """Class decorator: make an :class:`ItemHead` subclass available as ``head.type: name``."""
-    from lotcrs_plugin.registry import RegistryError
-
-    def decorate(cls: type[ItemHead]) -> type[ItemHead]:
-        if not (isinstance(cls, type) and issubclass(cls, ItemHead)):
-            raise RegistryError(f"head '{name}': {cls!r} is not a subclass of {ItemHead.__module__}.ItemHead")
-        present = _HEADS.get(name)
-        if present is not None and present.__qualname__ != cls.__qualname__:
-            raise RegistryError(f"cannot register head '{name}' as {cls.__module__}.{cls.__qualname__}: the name "
-                                f"is already taken by {present.__module__}.{present.__qualname__}")
-        cls.name = name
-        _HEADS[name] = cls
-        return cls
-
-    return decorate
+    return class_registrar(_HEADS, "head", ItemHead, name)
 
 
 def _discover() -> None:
