@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import pkgutil
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
@@ -23,16 +24,6 @@ from typing import Any, Callable
 from lotcrs_plugin.errors import UserError
 
 ENTRY_POINT_GROUP = "crslab.plugins"
-
-
-def import_part_modules(package: str, folder: Path, skip: tuple[str, ...] = ()) -> None:
-    """Import every module of ``package`` (found in ``folder``) but those in ``skip`` and the private
-    ones, so that the register decorators of the parts they define run (backbones, heads)."""
-    import pkgutil
-
-    for info in pkgutil.iter_modules([str(folder)]):
-        if info.name not in skip and not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
 
 # The plugin's own parts, as "module:attribute" so that listing them imports nothing.
 # table -> {name: target}; datasets carry their language.
@@ -98,6 +89,14 @@ def class_registrar(table: dict[str, type], kind: str, base: type, name: str) ->
         return cls
 
     return decorate
+
+
+def import_part_modules(package: str, folder: Path, skip: tuple[str, ...] = ()) -> None:
+    """Import every module of ``package`` (found in ``folder``) but those in ``skip`` and the private
+    ones, so that the register decorators of the parts they define run (backbones, heads)."""
+    for info in pkgutil.iter_modules([str(folder)]):
+        if info.name not in skip and not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
 
 
 def crslab_table(table: str) -> dict:

@@ -96,8 +96,7 @@ class TrainLoop:
         self.total_steps = 0
 
     def build_optim(self, total_steps: int, *, lr: float, weight_decay: float, warmup_ratio: float,
-                    rates: Mapping[int, float] | None = None, fused: bool | None = None,
-                    eps: float = 1e-8) -> None:
+                    eps: float, rates: Mapping[int, float] | None = None, fused: bool | None = None) -> None:
         """AdamW with a linear warmup and decay over ``total_steps`` (at least 1) optimizer steps."""
         total = max(1, total_steps)
         self.optimizer, self.scheduler = adamw_linear(self.model, lr=lr, weight_decay=weight_decay,
