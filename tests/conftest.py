@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="session")
 def session_home(tmp_path_factory) -> Path:
@@ -68,9 +66,11 @@ def home_with_config_models(tmp_path, monkeypatch) -> Path:
     """An empty home holding, as empty folders, the model folders the shipped configs name under ~
     (made on a user's machine by get-minilm.sh and benchmarks/conversation_check.py, absent on a
     clean one), so that loading those configs checks everything but the weights."""
+    from support import shipped_configs
+
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
-    for path in [*(REPO / "crslab_configs").rglob("*.yaml"), *(REPO / "lotcrs_plugin" / "configs").glob("*.yaml")]:
+    for path in shipped_configs():
         for folder in re.findall(r"~/[^\s'\"]+", path.read_text(encoding="utf-8")):
             (home / folder[2:]).mkdir(parents=True, exist_ok=True)
     return home

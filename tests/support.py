@@ -30,6 +30,12 @@ BPE = Optional[Callable[[], tuple]]  # () -> (vocab, merges) of a byte-level BPE
 
 # ---- tiny models ---------------------------------------------------------------------------
 
+def shipped_configs() -> list[Path]:
+    """Every YAML config the project ships: crslab_configs/ (all folders) and the package's own."""
+    return (sorted((REPO_ROOT / "crslab_configs").rglob("*.yaml"))
+            + sorted((REPO_ROOT / "lotcrs_plugin" / "configs").glob("*.yaml")))
+
+
 def tiny_bert(folder: Path, words=WORDS, with_head: bool = False, dropout: float = 0.1) -> Path:
     """A 2-layer BERT with a WordPiece vocabulary of ``words``, saved like all-MiniLM-L6-v2
     (encoder weights only) unless ``with_head``."""

@@ -253,7 +253,9 @@ def test_simulate_and_compare_read_the_base(tmp_path, capsys):
 
 
 def test_every_shipped_config_loads_with_its_bases(home_with_config_models):
-    files = sorted((REPO / "crslab_configs").rglob("*.yaml")) + sorted((REPO / "lotcrs_plugin" / "configs").glob("*.yaml"))
+    from support import shipped_configs
+
+    files = shipped_configs()
     assert len(files) > 40
     for path in files:
         loaded = run_config.load(str(path))

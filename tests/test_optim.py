@@ -3,6 +3,7 @@ decay, the fused kernel where the device has it, the schedule."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -49,10 +50,7 @@ def test_groups_split_rates_and_decay_and_the_schedule_warms_up_then_decays():
     assert rates[0] < rates[1] < rates[2] == 1e-3 and all(x > y > 0 for x, y in zip(rates[2:], rates[3:]))
 
 
-
 def test_adam_eps_is_a_checked_knob_of_both_training_blocks():
-    import pytest
-
     from lotcrs_plugin.config_blocks.finetune import FinetuneConfig
     from lotcrs_plugin.config_blocks.pretrain import PretrainConfig
     from lotcrs_plugin.errors import UserError
