@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from lotcrs_plugin.config_block import requirement, typed_values
+from lotcrs_plugin.config_block import requirement, typed_values, wrong
 from lotcrs_plugin.data.pretrain_samples import DMP_MODES
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, POOLINGS
@@ -17,9 +17,10 @@ DATA_SOURCES = ("simulated", "train")
 SIMILARITIES = ("cosine", "dot")
 
 
-def _check_projection(value: Any) -> None:
+def _check_projection(key: str, value: Any) -> Any:
     if not (isinstance(value, bool) or value == "auto"):
-        raise UserError(f"key 'projection' must be true, false or auto, not {value!r}")
+        raise wrong(key, value, "true, false or auto")
+    return value
 
 
 @dataclass(frozen=True)

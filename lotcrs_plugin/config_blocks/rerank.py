@@ -7,11 +7,12 @@ part of ``retrieval:`` once; there they are refused with a line naming their new
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from lotcrs_plugin.config_block import is_int, is_number
+from lotcrs_plugin.config_block import (Check, finite_non_negative, integer, is_int, is_number, non_negative_number,
+                                        number, number_list, one_of, positive_int, positive_number, string,
+                                        typed_values, wrong)
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.system.selection import parse_metric
 
@@ -81,61 +82,7 @@ class RerankConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "RerankConfig":
         """Validate a ``rerank:`` block; UserError names an unknown key or a wrong value."""
-        d = dict(d or {})
-        known = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in known:
-                raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
-        if "knn_temperature" in d:
-            if not is_number(d["knn_temperature"]) or not d["knn_temperature"] > 0:
-                raise UserError(f"key 'knn_temperature' must be a number > 0, not {d['knn_temperature']!r}")
-            d["knn_temperature"] = float(d["knn_temperature"])
-        if "knn_weight" in d and d["knn_weight"] != "auto":
-            if not is_number(d["knn_weight"]) or not 0 <= d["knn_weight"] < math.inf:
-                raise UserError(f"key 'knn_weight' must be a number >= 0 or auto, not {d['knn_weight']!r}")
-            d["knn_weight"] = float(d["knn_weight"])
-        if "knn_grid" in d:
-            grid = d["knn_grid"]
-            if (not isinstance(grid, (list, tuple)) or not grid
-                    or not all(is_number(v) and 0 <= v < math.inf for v in grid)):
-                raise UserError(f"key 'knn_grid' must be a non-empty list of numbers >= 0, not {grid!r}")
-            d["knn_grid"] = tuple(float(v) for v in grid)
-        if "knn_metric" in d:
-            if not isinstance(d["knn_metric"], str):
-                raise UserError(f"key 'knn_metric' must be a metric name like recall@10+tail_recall@50, not {d['knn_metric']!r}")
-            _check_metric("knn_metric", d["knn_metric"])
-        if "knn_k" in d and not (is_int(d["knn_k"]) and d["knn_k"] > 0):
-            raise UserError(f"key 'knn_k' must be an integer > 0, not {d['knn_k']!r}")
-        if d.get("knn_per_item") is not None and not (is_int(d["knn_per_item"]) and d["knn_per_item"] > 0):
-            raise UserError(f"key 'knn_per_item' must be an integer > 0 or null, not {d['knn_per_item']!r}")
-        if "knn_pooling" in d and d["knn_pooling"] not in ("cls", "mean", "first_last"):
-            raise UserError(f"key 'knn_pooling' must be one of cls, mean, first_last, not {d['knn_pooling']!r}")
-        if d.get("knn_pretrain") is not None:
-            over = d["knn_pretrain"]
-            if not isinstance(over, dict) or not isinstance(over.get("run_name"), str) or not over["run_name"]:
-                raise UserError(f"key 'knn_pretrain' must be null or a mapping of lotcrs_pretrain keys with its "
-                                f"own run_name (e.g. {{run_name: my_cca_pretrain, dmp_weight: 0}}), not {over!r}")
-            d["knn_pretrain"] = dict(over)
-        if d.get("tail_slots") is not None and d["tail_slots"] != "auto":
-            d["tail_slots"] = _slot_map(d["tail_slots"], "tail_slots", lambda v: is_int(v) and v >= 0, "a slot count >= 0")
-            _check_slot_room({c: (q,) for c, q in d["tail_slots"].items()}, "tail_slots")
-        if "tail_slots_grid" in d:
-            grid = _slot_map(d["tail_slots_grid"], "tail_slots_grid",
-                             lambda v: isinstance(v, (list, tuple)) and v and all(is_int(q) and q >= 0 for q in v),
-                             "a non-empty list of slot counts >= 0")
-            d["tail_slots_grid"] = {c: tuple(sorted(set(int(q) for q in v))) for c, v in grid.items()}
-            _check_slot_room(d["tail_slots_grid"], "tail_slots_grid")
-        if "tail_slots_metric" in d and not isinstance(d["tail_slots_metric"], str):
-            raise UserError(f"key 'tail_slots_metric' must be a metric name like recall@10, not {d['tail_slots_metric']!r}")
-        if "tail_slots_metric" in d:
-            _check_metric("tail_slots_metric", d["tail_slots_metric"])
-        if "tail_slots_keep" in d:
-            d["tail_slots_keep"] = _keep_losses(d["tail_slots_keep"])
-        if "tail_logit_weight" in d:
-            if not is_number(d["tail_logit_weight"]) or not 0 <= d["tail_logit_weight"] < math.inf:
-                raise UserError(f"key 'tail_logit_weight' must be a number >= 0, not {d['tail_logit_weight']!r}")
-            d["tail_logit_weight"] = float(d["tail_logit_weight"])
-        return cls(**d)
+        return cls(**typed_values(cls, d, CHECKS))
 
 
 RERANK_KEYS = frozenset(f.name for f in fields(RerankConfig))  # refused in retrieval:, their old place
@@ -197,6 +144,54 @@ def _check_metric(key: str, metric: str) -> None:
             raise UserError(f"key '{key}': {reason}") from None
 
 
+def _metric(what: str) -> Check:
+    """A string that :func:`_check_metric` takes."""
+    def check(key: str, value: Any) -> str:
+        _check_metric(key, string(what)(key, value))
+        return value
+
+    return check
+
+
+def _pretrain_overrides(key: str, value: Any) -> dict[str, Any] | None:
+    if value is not None and (not isinstance(value, dict) or not isinstance(value.get("run_name"), str)
+                              or not value["run_name"]):
+        raise wrong(key, value, "null or a mapping of lotcrs_pretrain keys with its own run_name "
+                                "(e.g. {run_name: my_cca_pretrain, dmp_weight: 0})")
+    return None if value is None else dict(value)
+
+
+def _tail_slots(key: str, value: Any) -> dict[int, int] | str | None:
+    if value is None or value == "auto":
+        return value
+    slots = _slot_map(value, key, lambda v: is_int(v) and v >= 0, "a slot count >= 0")
+    _check_slot_room({c: (q,) for c, q in slots.items()}, key)
+    return slots
+
+
+def _tail_slots_grid(key: str, value: Any) -> dict[int, tuple[int, ...]]:
+    grid = _slot_map(value, key, lambda v: isinstance(v, (list, tuple)) and v and all(is_int(q) and q >= 0 for q in v),
+                     "a non-empty list of slot counts >= 0")
+    grid = {c: tuple(sorted(set(int(q) for q in v))) for c, v in grid.items()}
+    _check_slot_room(grid, key)
+    return grid
+
+
+CHECKS: dict[str, Check] = {
+    "knn_weight": number("a number >= 0 or auto", finite_non_negative, also=("auto",)),
+    "knn_grid": number_list("a non-empty list of numbers >= 0", finite_non_negative),
+    "knn_metric": _metric("a metric name like recall@10+tail_recall@50"),
+    "knn_k": positive_int,
+    "knn_temperature": positive_number,
+    "knn_pooling": one_of(("cls", "mean", "first_last")),
+    "knn_per_item": integer("an integer > 0 or null", lambda v: v > 0, null=True),
+    "knn_pretrain": _pretrain_overrides,
+    "tail_slots": _tail_slots,
+    "tail_slots_grid": _tail_slots_grid,
+    "tail_slots_metric": _metric("a metric name like recall@10"),
+    "tail_slots_keep": lambda key, value: _keep_losses(value),
+    "tail_logit_weight": non_negative_number,
+}
 
 
 __all__ = ["BLOCK", "RERANK_KEYS", "TAIL_SLOT_DEPTH", "RerankConfig"]

@@ -5,11 +5,11 @@ tail slots (beyond the paper) have their own block, ``rerank:`` (lotcrs_plugin.c
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
-from lotcrs_plugin.config_block import is_int, is_number
+from lotcrs_plugin.config_block import (Check, finite_non_negative, integer, number, one_of, positive_int,
+                                        positive_number, typed_values)
 from lotcrs_plugin.config_blocks.rerank import RERANK_KEYS
 from lotcrs_plugin.errors import UserError
 
@@ -71,40 +71,26 @@ class RetrievalConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "RetrievalConfig":
-        """Validate a ``retrieval:`` block; UserError names an unknown key or a wrong value."""
-        d = dict(d or {})
-        known = [f.name for f in fields(cls)]
-        for key in d:
+        """Validate a ``retrieval:`` block; UserError names an unknown key or a wrong value (a key of
+        ``rerank:``, its old place, gets a line naming the new one)."""
+        for key in d if isinstance(d, Mapping) else ():
             if key in RERANK_KEYS:
                 raise UserError(f"key '{key}' belongs to the rerank: block now (the kNN vote and the tail slots); "
                                 f"move it to rerank.{key}")
-            if key not in known:
-                raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
-        if "index" in d and d["index"] not in INDEX_KINDS:
-            raise UserError(f"key 'index' must be one of {', '.join(INDEX_KINDS)}, not {d['index']!r}")
-        for key in ("normalize", "exclude_same_item"):
-            if key in d and not isinstance(d[key], bool):
-                raise UserError(f"key '{key}' must be true or false, not {d[key]!r}")
-        for key in ("top_k", "nprobe", "hnsw_m", "ef_construction", "ef_search", "n_pos", "n_neg",
-                    "refine_factor"):
-            if key in d and not (is_int(d[key]) and d[key] > 0):
-                raise UserError(f"key '{key}' must be an integer > 0, not {d[key]!r}")
-        for key in ("nlist", "pq_m"):
-            if key in d and not (is_int(d[key]) and d[key] >= 0):
-                raise UserError(f"key '{key}' must be an integer >= 0 (0: automatic), not {d[key]!r}")
-        if d.get("max_per_item") is not None and not (is_int(d["max_per_item"]) and d["max_per_item"] > 0):
-            raise UserError(f"key 'max_per_item' must be an integer > 0 or null, not {d['max_per_item']!r}")
-        if d.get("sample_seed") is not None and not is_int(d["sample_seed"]):
-            raise UserError(f"key 'sample_seed' must be an integer or null, not {d['sample_seed']!r}")
-        for key, low, high in (("fusion_weight", 0.0, math.inf), ("loss_weight", 0.0, math.inf),
-                               ("dropout", 0.0, 1.0)):
-            if key in d:
-                if not is_number(d[key]) or not low <= d[key] < high:
-                    raise UserError(f"key '{key}' must be a number in [{low:g}, {high:g}), not {d[key]!r}")
-                d[key] = float(d[key])
-        if "temperature" in d:
-            if not is_number(d["temperature"]) or not d["temperature"] > 0:
-                raise UserError(f"key 'temperature' must be a number > 0, not {d['temperature']!r}")
-            d["temperature"] = float(d["temperature"])
-        return cls(**d)
+        return cls(**typed_values(cls, d, CHECKS))
 
+
+_AUTOMATIC = integer("an integer >= 0 (0: automatic)", lambda v: v >= 0)
+CHECKS: dict[str, Check] = {
+    "index": one_of(INDEX_KINDS),
+    **dict.fromkeys(("top_k", "nprobe", "hnsw_m", "ef_construction", "ef_search", "n_pos", "n_neg",
+                     "refine_factor"), positive_int),
+    "nlist": _AUTOMATIC,
+    "pq_m": _AUTOMATIC,
+    "max_per_item": integer("an integer > 0 or null", lambda v: v > 0, null=True),
+    "sample_seed": integer("an integer or null", null=True),
+    "fusion_weight": number("a number in [0, inf)", finite_non_negative),
+    "loss_weight": number("a number in [0, inf)", finite_non_negative),
+    "dropout": number("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "temperature": positive_number,
+}

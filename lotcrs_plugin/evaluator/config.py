@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from lotcrs_plugin.errors import UserError
+from lotcrs_plugin.config_block import Check, integer, integer_list, number, one_of, string, typed_values
 
 TAIL_KINDS = ("mentions", "fraction")
 COUNT_FIELDS = ("train_mentions", "train_rec_mentions", "source_mentions")
@@ -47,32 +47,7 @@ class LongTailConfig:
     def from_dict(cls, d: dict[str, Any] | None) -> "LongTailConfig":
         """Validate a ``longtail:`` block; UserError names an unknown key or a wrong value
         (the caller adds where the block is)."""
-        d = dict(d or {})
-        known = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in known:
-                raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
-        _choice(d, "tail", TAIL_KINDS)
-        _choice(d, "count", COUNT_FIELDS)
-        _choice(d, "index_space", INDEX_SPACES)
-        if "threshold" in d:
-            t = d["threshold"]
-            if not _is_int(t) or t < 0:
-                raise UserError(f"key 'threshold' must be an integer >= 0, not {t!r}")
-        if "fraction" in d:
-            f = d["fraction"]
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-                raise UserError(f"key 'fraction' must be a number in (0, 1], not {f!r}")
-            d["fraction"] = float(f)
-        if "ks" in d:
-            ks = d["ks"]
-            if (not isinstance(ks, (list, tuple)) or not ks
-                    or not all(_is_int(k) and k > 0 for k in ks)):
-                raise UserError(f"key 'ks' must be a non-empty list of positive integers, not {ks!r}")
-            d["ks"] = tuple(sorted(set(int(k) for k in ks)))
-        if d.get("item_stats") is not None and not isinstance(d["item_stats"], str):
-            raise UserError(f"key 'item_stats' must be a path string, not {d['item_stats']!r}")
-        return cls(**d)
+        return cls(**typed_values(cls, d, CHECKS))
 
     def definition(self) -> str:
         """The tail definition in words, for every report."""
@@ -82,10 +57,19 @@ class LongTailConfig:
                 f"(ties by catalog order)")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_POSITIVE_INTS = integer_list("a non-empty list of positive integers", lambda k: k > 0)
 
 
-def _choice(d: dict, key: str, choices: tuple[str, ...]) -> None:
-    if key in d and d[key] not in choices:
-        raise UserError(f"key '{key}' must be one of {', '.join(choices)}, not {d[key]!r}")
+def _ks(key: str, value: Any) -> tuple[int, ...]:
+    return tuple(sorted(set(_POSITIVE_INTS(key, value))))
+
+
+CHECKS: dict[str, Check] = {
+    "tail": one_of(TAIL_KINDS),
+    "count": one_of(COUNT_FIELDS),
+    "index_space": one_of(INDEX_SPACES),
+    "threshold": integer("an integer >= 0", lambda t: t >= 0),
+    "fraction": number("a number in (0, 1]", lambda f: 0 < f <= 1),
+    "ks": _ks,
+    "item_stats": string("a path string", null=True),
+}

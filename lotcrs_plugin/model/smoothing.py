@@ -13,14 +13,14 @@ are over the same item list (the catalog positions).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from lotcrs_plugin.config_block import is_number
+from lotcrs_plugin.config_block import Check, integer, number, one_of, positive_number, typed_values
 from lotcrs_plugin.errors import UserError
 
 TEACHER_KINDS = ("simulated", "real", "none")
@@ -49,31 +49,20 @@ class SmoothingConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SmoothingConfig":
         """Validate a ``smoothing:`` block; UserError names an unknown key or a wrong value."""
-        d = dict(d or {})
-        known = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in known:
-                raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
-        if "teacher" in d and d["teacher"] not in TEACHER_KINDS:
-            raise UserError(f"key 'teacher' must be one of {', '.join(TEACHER_KINDS)}, not {d['teacher']!r}")
-        if "beta" in d:
-            if not is_number(d["beta"]) or d["beta"] < 0:
-                raise UserError(f"key 'beta' must be a number >= 0, not {d['beta']!r}")
-            d["beta"] = float(d["beta"])
-        if "temperature" in d:
-            if not is_number(d["temperature"]) or not d["temperature"] > 0:
-                raise UserError(f"key 'temperature' must be a number > 0, not {d['temperature']!r}")
-            d["temperature"] = float(d["temperature"])
-        top_k = d.get("top_k")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
-            raise UserError(f"key 'top_k' must be an integer > 0 or null, not {top_k!r}")
-        return cls(**d)
+        return cls(**typed_values(cls, d, CHECKS))
 
     @property
     def enabled(self) -> bool:
         """Whether the KL term is on (a teacher and beta > 0)."""
         return self.teacher != "none" and self.beta > 0
 
+
+CHECKS: dict[str, Check] = {
+    "teacher": one_of(TEACHER_KINDS),
+    "beta": number("a number >= 0", lambda v: v >= 0),
+    "temperature": positive_number,
+    "top_k": integer("an integer > 0 or null", lambda v: v > 0, null=True),
+}
 
 
 class SmoothnessLoss(NamedTuple):

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
 
+from lotcrs_plugin.config_block import Check, one_of, string, typed_values
 from lotcrs_plugin.errors import UserError
 
 STAGE = "rec"
@@ -62,20 +63,7 @@ class SelectionConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SelectionConfig":
         """Validate a ``selection:`` block; UserError names an unknown key or a wrong value."""
-        d = dict(d or {})
-        known = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in known:
-                raise UserError(f"unknown key '{key}'; known keys: {', '.join(known)}")
-        if "enabled" in d and not isinstance(d["enabled"], bool):
-            raise UserError(f"key 'enabled' must be true or false, not {d['enabled']!r}")
-        if "mode" in d and d["mode"] not in ("max", "min"):
-            raise UserError(f"key 'mode' must be max or min, not {d['mode']!r}")
-        if "metric" in d:
-            if not isinstance(d["metric"], str):
-                raise UserError(f"key 'metric' must be a string like recall@10 or hit@1+hit@50, not {d['metric']!r}")
-            parse_metric(d["metric"])
-        return cls(**d)
+        return cls(**typed_values(cls, d, CHECKS))
 
     def terms(self) -> list[tuple[str, int | None]]:
         return parse_metric(self.metric)
@@ -96,6 +84,14 @@ def parse_metric(text: str) -> list[tuple[str, int | None]]:
                             f"{', '.join(names)}) or {', '.join(LOSS_NAMES)}, joined by '+'")
         terms.append((ALIASES.get(m.group(1), m.group(1)), int(m.group(2))))
     return terms
+
+
+def _metric(key: str, value: Any) -> str:
+    parse_metric(string("a string like recall@10 or hit@1+hit@50")(key, value))
+    return value
+
+
+CHECKS: dict[str, Check] = {"mode": one_of(("max", "min"), "max or min"), "metric": _metric}
 
 
 def check_evaluator(evaluator: Any, terms: list[tuple[str, int | None]]) -> None:

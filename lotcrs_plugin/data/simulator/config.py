@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from lotcrs_plugin.config_block import requirement
+from lotcrs_plugin.config_block import Check, mapping, requirement, string, typed_values
 from lotcrs_plugin.errors import UserError
 
 # Weight of each thread element kind: "item" is a related item (one sharing an attribute with the
@@ -47,16 +47,8 @@ class SimulationConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SimulationConfig":
-        if d is not None and not isinstance(d, dict):
-            raise UserError(f"the simulation block must be a mapping of keys to values, not {d!r}")
-        d = dict(d or {})
-        known = cls.known_keys()
-        for key in d:
-            if key not in known:
-                raise UserError(f"simulation: unknown key '{key}'; known keys: {', '.join(known)}")
-        cfg = cls()
-        for key, value in d.items():
-            setattr(cfg, key, _coerce(key, value, getattr(cfg, key)))
+        """Validate a ``simulation:`` block: keys and types, then :meth:`validate`'s ranges."""
+        cfg = cls(**typed_values(cls, d, CHECKS, where="simulation: "))
         cfg.validate()
         return cfg
 
@@ -102,26 +94,5 @@ class SimulationConfig:
         return d
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """Type check one key against its default's type (None defaults take strings)."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise UserError(f"simulation: key '{key}' must be true or false, not {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"simulation: key '{key}' must be an integer, not {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"simulation: key '{key}' must be a number, not {value!r}")
-        return float(value)
-    if isinstance(default, dict):
-        if not isinstance(value, dict):
-            raise UserError(f"simulation: key '{key}' must be a mapping, not {value!r}")
-        return dict(value)
-    if default is None:
-        if value is not None and not isinstance(value, str):
-            raise UserError(f"simulation: key '{key}' must be a string (a path), not {value!r}")
-        return value
-    return value
+_PATH = string("a string (a path)", null=True)
+CHECKS: dict[str, Check] = {"kind_mix": mapping(), "related_via": mapping(), "templates": _PATH, "cache_dir": _PATH}

@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from lotcrs_plugin.config_block import typed_values
 from lotcrs_plugin.data.synthetic.words import GENRES, MAX_ITEMS, MAX_PEOPLE
 from lotcrs_plugin.errors import UserError
 
@@ -39,26 +40,8 @@ class SyntheticConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "SyntheticConfig":
-        if d is None:
-            return cls()
-        if not isinstance(d, Mapping):
-            raise UserError(f"synthetic: expected a mapping of settings, got {type(d).__name__}")
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise UserError(f"synthetic: unknown key(s) {', '.join(map(str, unknown))}; "
-                            f"known keys: {', '.join(known)}")
-        values: dict[str, Any] = {}
-        for key, value in d.items():
-            want = known[key].type
-            if want in ("int", int):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise UserError(f"synthetic.{key}: expected an integer, got {value!r}")
-            else:  # float
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise UserError(f"synthetic.{key}: expected a number, got {value!r}")
-                value = float(value)
-            values[key] = value
+        """Validate a ``synthetic:`` block: keys and types, then :meth:`check`'s ranges."""
+        values = typed_values(cls, d, where=f"{NAME}: ")
         cfg = cls(**values)
         cfg.check()
         return cfg
