@@ -110,7 +110,7 @@ def main() -> None:
                      + f" | {t.get('replies')} | {s['best_epoch']} | {ppls} | {r['seconds']} |")
     lines += ["", "Definitions (lotcrs_plugin/evaluator/conversation.py): bleu@k is CRSLab's BleuMetric; dist@k is "
               "CRSLab's distinct-n (distinct word n-grams over all replies / replies, not a ratio); ppl is exp of the "
-              "mean NLL per reference token with the recommender's item in the prompt; item_share: replies that name "
+              "mean NLL per reference token given the variant's prompt (the recommender's item in it unless the variant leaves it out); item_share: replies that name "
               "the recommended item; ref_item_share: the same for the references.", ""]
     first = next(iter(runs.values()))
     rec = first["rec"]
