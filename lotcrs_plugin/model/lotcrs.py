@@ -39,6 +39,7 @@ from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.evaluator.ranking import Ranking, rank_dense, rank_linear
 from lotcrs_plugin.model.backbones import DEFAULT_PROMPT, Backbone, EntityKG, TokenBatch, build_backbone
 from lotcrs_plugin.model.backbones.tiny import resolve_backbone_path
+from lotcrs_plugin.model.cpu_dropout import use_cpu_dropout
 from lotcrs_plugin.model.evidence import EvidenceConfig, EvidenceTerm
 from lotcrs_plugin.model.fusion import RetrievalFusion
 from lotcrs_plugin.model.heads import HeadConfig, ItemHead, build_head
@@ -155,6 +156,8 @@ class LOTCRSModel(nn.Module):
                                 f"({backbone.n_items} items, this dataset has {len(self.items)})")
         else:
             backbone.add_item_tokens(self.items.display_names, self.items.entity_ids)
+        if self.cfg.cpu_dropout == "fast":
+            use_cpu_dropout(backbone)
         return backbone
 
     def set_backbone(self, backbone: Backbone) -> None:

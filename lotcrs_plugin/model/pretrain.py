@@ -15,6 +15,7 @@ from lotcrs_plugin.data.item_vocab import ItemVocab
 from lotcrs_plugin.data.pretrain_samples import PretrainBatch
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones import EntityKG, TokenBatch, build_backbone
+from lotcrs_plugin.model.cpu_dropout import use_cpu_dropout
 from lotcrs_plugin.model.pretrain_losses import ProjectionHead, info_nce, mask_keywords, masked_lm_loss
 
 MODEL_NAME = "LOTCRSPretrain"
@@ -36,6 +37,8 @@ class LOTCRSPretrainModel(nn.Module):
         self.items = ItemVocab.from_side_data(side_data, vocab)
         kg = EntityKG.from_side_data(side_data, vocab["n_entity"]) if (side_data or {}).get("entity_kg") else None
         self.backbone = build_backbone(name, path, kg=kg, prompt=cfg.prompt)
+        if cfg.cpu_dropout == "fast":
+            use_cpu_dropout(self.backbone)
         if self.backbone.n_items:  # a pre-trained export: its items must be this catalog's
             if self.backbone.item_entity_ids and self.backbone.item_entity_ids != self.items.entity_ids:
                 raise UserError(f"backbone_path {path}: its item tokens belong to another catalog "
