@@ -38,7 +38,7 @@ def cpu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or p >= 1:
         return F.dropout(x, p, training)
-    return x * keep_mask(x.shape, p).to(x.dtype) * (1.0 / (1.0 - p))
+    return x * keep_mask(x.shape, p).to(x.dtype).mul_(1.0 / (1.0 - p))  # one product in forward and backward
 
 
 class CPUDropout(nn.Dropout):
@@ -69,7 +69,7 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     elif q_len > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", False)):
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-    probs = F.softmax(scores.float(), dim=-1).to(scores.dtype)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
     probs = cpu_dropout(probs, dropout, True)
     out = torch.matmul(probs, value)
     return out.transpose(1, 2).contiguous(), None
