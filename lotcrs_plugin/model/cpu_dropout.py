@@ -24,9 +24,7 @@ _LANE_BITS = 15
 
 def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
     """A bool mask of ``shape``, each element True with probability 1 - p (p to 1/32768)."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = shape.numel()
     draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
     lanes = draws.view(torch.int16)[:n].bitwise_and(2**_LANE_BITS - 1)
     return lanes.ge(round(p * 2**_LANE_BITS)).view(shape)
@@ -84,42 +82,39 @@ def _register() -> None:
         ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
-def use_cpu_dropout(module: nn.Module) -> int:
-    """Every nn.Dropout in ``module`` becomes a :class:`CPUDropout` of the same p, and every
-    Hugging Face model in it that attends through SDPA or eager attention attends through
-    "lotcrs_cpu_dropout"; returns the dropouts swapped."""
+def _swap(module: nn.Module, old_attention: tuple[str, ...], new_attention: str, old_dropout: type,
+          new_dropout: type) -> int:
+    """Every Hugging Face model in ``module`` whose attention is one of ``old_attention`` attends
+    through ``new_attention``; every dropout of exactly ``old_dropout`` becomes a ``new_dropout`` of
+    the same p and mode. Returns the dropouts swapped."""
     from transformers import PreTrainedModel
 
-    _register()
     swapped = 0
     for parent in list(module.modules()):
-        if isinstance(parent, PreTrainedModel) and parent.config._attn_implementation in ("sdpa", "eager"):
-            parent.set_attn_implementation(ATTENTION)
+        if isinstance(parent, PreTrainedModel) and parent.config._attn_implementation in old_attention:
+            parent.set_attn_implementation(new_attention)
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
-                new = CPUDropout(child.p, child.inplace)
+            if type(child) is old_dropout:
+                new = new_dropout(child.p, child.inplace)
                 new.train(child.training)
                 setattr(parent, name, new)
                 swapped += 1
     return swapped
+
+
+def use_cpu_dropout(module: nn.Module) -> int:
+    """Every nn.Dropout in ``module`` becomes a :class:`CPUDropout` of the same p, and every
+    Hugging Face model in it that attends through SDPA or eager attention attends through
+    "lotcrs_cpu_dropout"; returns the dropouts swapped."""
+    _register()
+    return _swap(module, ("sdpa", "eager"), ATTENTION, nn.Dropout, CPUDropout)
 
 
 def use_native_dropout(module: nn.Module) -> int:
     """Undo :func:`use_cpu_dropout`: torch's dropout and SDPA attention again; returns the
     dropouts swapped back."""
-    from transformers import PreTrainedModel
-
-    swapped = 0
-    for parent in list(module.modules()):
-        if isinstance(parent, PreTrainedModel) and parent.config._attn_implementation == ATTENTION:
-            parent.set_attn_implementation("sdpa")
-        for name, child in list(parent.named_children()):
-            if type(child) is CPUDropout:
-                new = nn.Dropout(child.p, child.inplace)
-                new.train(child.training)
-                setattr(parent, name, new)
-                swapped += 1
-    return swapped
+    return _swap(module, (ATTENTION,), "sdpa", CPUDropout, nn.Dropout)
 
 
-__all__ = ["ATTENTION", "CPU_DROPOUTS", "CPUDropout", "cpu_dropout", "keep_mask", "use_cpu_dropout", "use_native_dropout"]
+__all__ = ["ATTENTION", "CPU_DROPOUTS", "CPUDropout", "cpu_dropout", "keep_mask", "use_cpu_dropout",
+           "use_native_dropout"]

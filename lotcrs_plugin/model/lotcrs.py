@@ -149,7 +149,8 @@ class LOTCRSModel(nn.Module):
     # -- backbone
 
     def _prepare(self, backbone: Backbone) -> Backbone:
-        """Item tokens for this catalog (a pre-trained export brings its own: they must match)."""
+        """Item tokens for this catalog (a pre-trained export brings its own: they must match), and the
+        cheap CPU dropout unless ``cpu_dropout: native``."""
         if backbone.n_items:
             if backbone.item_entity_ids and backbone.item_entity_ids != self.items.entity_ids:
                 raise UserError(f"backbone_path {self.backbone_path}: its item tokens belong to another catalog "
