@@ -112,24 +112,24 @@ def integer(what: str = "an integer", ok: Callable[[int], bool] = _any, *, null:
     return check
 
 
-def number_list(what: str, ok: Callable[[float], bool] = _any) -> Check:
-    """A non-empty list of numbers for which ``ok`` holds, as a tuple of floats."""
-    def check(key: str, value: Any) -> tuple[float, ...]:
-        if not isinstance(value, (list, tuple)) or not value or not all(is_number(v) and ok(v) for v in value):
+def _list_of(what: str, member: Callable[[Any], bool], convert: Callable[[Any], Any],
+             ok: Callable[[Any], bool]) -> Check:
+    def check(key: str, value: Any) -> tuple:
+        if not isinstance(value, (list, tuple)) or not value or not all(member(v) and ok(v) for v in value):
             raise wrong(key, value, what)
-        return tuple(float(v) for v in value)
+        return tuple(convert(v) for v in value)
 
     return check
+
+
+def number_list(what: str, ok: Callable[[float], bool] = _any) -> Check:
+    """A non-empty list of numbers for which ``ok`` holds, as a tuple of floats."""
+    return _list_of(what, is_number, float, ok)
 
 
 def integer_list(what: str, ok: Callable[[int], bool] = _any) -> Check:
     """A non-empty list of integers for which ``ok`` holds, as a tuple of ints."""
-    def check(key: str, value: Any) -> tuple[int, ...]:
-        if not isinstance(value, (list, tuple)) or not value or not all(is_int(v) and ok(v) for v in value):
-            raise wrong(key, value, what)
-        return tuple(int(v) for v in value)
-
-    return check
+    return _list_of(what, is_int, int, ok)
 
 
 def one_of(choices: Sequence[str], what: str = "") -> Check:

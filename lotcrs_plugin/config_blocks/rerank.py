@@ -11,10 +11,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from lotcrs_plugin.config_block import (Check, finite_non_negative, integer, is_int, is_number, non_negative_number,
-                                        number, number_list, one_of, positive_int, positive_number, string,
+                                        number, number_list, one_of, positive_int, positive_number,
                                         typed_values, wrong)
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.system.selection import parse_metric
+from lotcrs_plugin.system.selection import metric_check
 
 BLOCK = "rerank"
 
@@ -118,39 +118,22 @@ def _check_slot_room(slots: dict[int, tuple[int, ...]], key: str) -> None:
         prev = cut
 
 
-def _keep_losses(value: Any) -> str | dict[str, float]:
+_KEEP_METRIC = metric_check("a metric name like recall@10", empty=True)  # '': no metric to keep
+
+
+def _keep_losses(key: str, value: Any) -> str | dict[str, float]:
     """A metric name ('' = none) or {metric: share in [0, 1)}."""
     if isinstance(value, str):
-        _check_metric("tail_slots_keep", value)
-        return value
+        return _KEEP_METRIC(key, value)
     shares_ok = isinstance(value, dict) and value and all(
         isinstance(m, str) and m and is_number(v) and 0 <= v < 1 for m, v in value.items())
     if not shares_ok:
-        raise UserError(f"key 'tail_slots_keep' must be a metric name like recall@10 or a mapping of metric -> "
+        raise UserError(f"key '{key}' must be a metric name like recall@10 or a mapping of metric -> "
                         f"the share of it the slots may cost, in [0, 1) (e.g. {{recall@10: 0, recall@50: 0.05}}), "
                         f"not {value!r}")
     for metric in value:
-        _check_metric("tail_slots_keep", metric)
+        _KEEP_METRIC(key, metric)
     return {m: float(v) for m, v in value.items()}
-
-
-def _check_metric(key: str, metric: str) -> None:
-    """A validation metric a choice reads ('' = the default), checked at load, before any training."""
-    if metric:
-        try:
-            parse_metric(metric)
-        except UserError as err:
-            reason = str(err).removeprefix("key 'metric': ")
-            raise UserError(f"key '{key}': {reason}") from None
-
-
-def _metric(what: str) -> Check:
-    """A string that :func:`_check_metric` takes."""
-    def check(key: str, value: Any) -> str:
-        _check_metric(key, string(what)(key, value))
-        return value
-
-    return check
 
 
 def _pretrain_overrides(key: str, value: Any) -> dict[str, Any] | None:
@@ -180,7 +163,7 @@ def _tail_slots_grid(key: str, value: Any) -> dict[int, tuple[int, ...]]:
 CHECKS: dict[str, Check] = {
     "knn_weight": number("a number >= 0 or auto", finite_non_negative, also=("auto",)),
     "knn_grid": number_list("a non-empty list of numbers >= 0", finite_non_negative),
-    "knn_metric": _metric("a metric name like recall@10+tail_recall@50"),
+    "knn_metric": metric_check("a metric name like recall@10+tail_recall@50", empty=True),
     "knn_k": positive_int,
     "knn_temperature": positive_number,
     "knn_pooling": one_of(("cls", "mean", "first_last")),
@@ -188,8 +171,8 @@ CHECKS: dict[str, Check] = {
     "knn_pretrain": _pretrain_overrides,
     "tail_slots": _tail_slots,
     "tail_slots_grid": _tail_slots_grid,
-    "tail_slots_metric": _metric("a metric name like recall@10"),
-    "tail_slots_keep": lambda key, value: _keep_losses(value),
+    "tail_slots_metric": metric_check("a metric name like recall@10", empty=True),
+    "tail_slots_keep": _keep_losses,
     "tail_logit_weight": non_negative_number,
 }
 

@@ -89,8 +89,7 @@ CHECKS: dict[str, Check] = {
     "pq_m": _AUTOMATIC,
     "max_per_item": integer("an integer > 0 or null", lambda v: v > 0, null=True),
     "sample_seed": integer("an integer or null", null=True),
-    "fusion_weight": number("a number in [0, inf)", finite_non_negative),
-    "loss_weight": number("a number in [0, inf)", finite_non_negative),
+    **dict.fromkeys(("fusion_weight", "loss_weight"), number("a number in [0, inf)", finite_non_negative)),
     "dropout": number("a number in [0, 1)", lambda v: 0 <= v < 1),
     "temperature": positive_number,
 }

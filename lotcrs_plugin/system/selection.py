@@ -69,8 +69,9 @@ class SelectionConfig:
         return parse_metric(self.metric)
 
 
-def parse_metric(text: str) -> list[tuple[str, int | None]]:
-    """'hit@1+hit@50' -> [('hit', 1), ('hit', 50)]; UserError for an unknown name or a bad k."""
+def parse_metric(text: str, key: str = "metric") -> list[tuple[str, int | None]]:
+    """'hit@1+hit@50' -> [('hit', 1), ('hit', 50)]; UserError, naming ``key``, for an unknown name
+    or a bad k."""
     names = sorted({*CRSLAB_NAMES, *ALIASES, *LONGTAIL_NAMES})
     terms: list[tuple[str, int | None]] = []
     for raw in text.split("+"):
@@ -80,18 +81,26 @@ def parse_metric(text: str) -> list[tuple[str, int | None]]:
             continue
         m = _TERM.match(term)
         if not m or m.group(1) not in names:
-            raise UserError(f"key 'metric': {term!r} is not a metric; use NAME@K (NAME one of "
+            raise UserError(f"key '{key}': {term!r} is not a metric; use NAME@K (NAME one of "
                             f"{', '.join(names)}) or {', '.join(LOSS_NAMES)}, joined by '+'")
         terms.append((ALIASES.get(m.group(1), m.group(1)), int(m.group(2))))
     return terms
 
 
-def _metric(key: str, value: Any) -> str:
-    parse_metric(string("a string like recall@10 or hit@1+hit@50")(key, value))
-    return value
+def metric_check(what: str, *, empty: bool = False) -> Check:
+    """A config value that :func:`parse_metric` takes, the line naming its key ('' too when
+    ``empty``: the block's default metric)."""
+    def check(key: str, value: Any) -> str:
+        text = string(what)(key, value)
+        if text or not empty:
+            parse_metric(text, key)
+        return text
+
+    return check
 
 
-CHECKS: dict[str, Check] = {"mode": one_of(("max", "min"), "max or min"), "metric": _metric}
+CHECKS: dict[str, Check] = {"mode": one_of(("max", "min"), "max or min"),
+                            "metric": metric_check("a string like recall@10 or hit@1+hit@50")}
 
 
 def check_evaluator(evaluator: Any, terms: list[tuple[str, int | None]]) -> None:
