@@ -45,7 +45,7 @@ import speed  # noqa: E402
 from _alternate import Contender, alternate  # noqa: E402
 
 from lotcrs_plugin.errors import UserError  # noqa: E402
-from lotcrs_plugin.model.cpu_dropout import use_cpu_dropout, use_native_dropout  # noqa: E402
+from lotcrs_plugin.model.cpu_dropout import CPU_DROPOUTS, use_cpu_dropout, use_native_dropout  # noqa: E402
 
 DEFAULTS = {"threads": ("1", "2"), "bf16": ("off", "on"), "bucket": ("0", "20"), "fused": ("off", "on"),
             "dropout": ("native", "fast")}
@@ -55,8 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="benchmarks/ab.py", description=__doc__.splitlines()[0])
     p.add_argument("--what", choices=sorted(DEFAULTS), required=True)
     p.add_argument("--stage", choices=("finetune", "pretrain"), default="finetune")
-    p.add_argument("--a", default=None, help="the setting before (default: threads 1, bf16 off, bucket 0, fused off, dropout native)")
-    p.add_argument("--b", default=None, help="the setting after (default: threads 2, bf16 on, bucket 20, fused on, dropout fast)")
+    p.add_argument("--a", default=None,
+                   help="the setting before (default: threads 1, bf16 off, bucket 0, fused off, dropout native)")
+    p.add_argument("--b", default=None,
+                   help="the setting after (default: threads 2, bf16 on, bucket 20, fused on, dropout fast)")
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--arch", choices=speed.ARCHS, default=None)
     p.add_argument("--batch", type=int, default=16)
@@ -71,8 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.b = args.b if args.b is not None else b
     for side in ("a", "b"):
         value = getattr(args, side)
-        if args.what == "dropout" and value not in ("native", "fast"):
-            raise UserError(f"--{side} for dropout must be native or fast, not {value!r}")
+        if args.what == "dropout" and value not in CPU_DROPOUTS:
+            raise UserError(f"--{side} for dropout must be {' or '.join(CPU_DROPOUTS)}, not {value!r}")
         if args.what in ("bf16", "fused") and value not in ("on", "off"):
             raise UserError(f"--{side} for {args.what} must be on or off, not {value!r}")
         if args.what in ("threads", "bucket") and not (value.isdigit() and (int(value) >= 1 or args.what == "bucket")):
