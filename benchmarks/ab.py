@@ -7,13 +7,15 @@ machine's load hits both sides alike.
     python benchmarks/ab.py --what bucket --stage pretrain --dataset inspired_unicrs   # bucket_pool 0 vs 20
     python benchmarks/ab.py --what fused --dataset inspired_unicrs            # AdamW loop vs fused kernel
     python benchmarks/ab.py --what dropout --dataset inspired_unicrs          # torch's dropout vs cpu_dropout: fast
+    python benchmarks/ab.py --what packed --stage pretrain --dataset inspired_unicrs   # packed_tokens off vs on
 
 what: threads (torch intra-op threads), bf16 (autocast off / on; the CPU's ISA decides whether it
 pays: lotcrs_plugin.hardware), bucket (bucket_pool, length-bucketed batches:
 lotcrs_plugin.data.length_buckets), fused (AdamW as a loop over tensors / one fused kernel:
 lotcrs_plugin.system.optim; each side its own optimizer over the shared model), dropout (torch's CPU
 dropout / the masks of lotcrs_plugin.model.cpu_dropout, swapped into the shared model before each
-side's step). stage: finetune (LOTCRSSystem's training step, the CPU config's
+side's step), packed (packed_tokens: the encoder over every padded position / over the real tokens
+only, lotcrs_plugin.model.backbones.packed_bert). stage: finetune (LOTCRSSystem's training step, the CPU config's
 task: no retrieval fusion) or pretrain (LOTCRSPretrainSystem's DMP + CCA micro-batch). Both sides
 draw their batches from identical samplers (the same sequences when the setting does not change
 them) and share one model and optimizer.
@@ -48,7 +50,7 @@ from lotcrs_plugin.errors import UserError  # noqa: E402
 from lotcrs_plugin.model.cpu_dropout import CPU_DROPOUTS, use_cpu_dropout, use_native_dropout  # noqa: E402
 
 DEFAULTS = {"threads": ("1", "2"), "bf16": ("off", "on"), "bucket": ("0", "20"), "fused": ("off", "on"),
-            "dropout": ("native", "fast")}
+            "dropout": ("native", "fast"), "packed": ("off", "on")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,9 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--what", choices=sorted(DEFAULTS), required=True)
     p.add_argument("--stage", choices=("finetune", "pretrain"), default="finetune")
     p.add_argument("--a", default=None,
-                   help="the setting before (default: threads 1, bf16 off, bucket 0, fused off, dropout native)")
+                   help="the setting before (default: threads 1, bf16 off, bucket 0, fused off, dropout native, "
+                        "packed off)")
     p.add_argument("--b", default=None,
-                   help="the setting after (default: threads 2, bf16 on, bucket 20, fused on, dropout fast)")
+                   help="the setting after (default: threads 2, bf16 on, bucket 20, fused on, dropout fast, packed on)")
     p.add_argument("--dataset", default="synthetic")
     p.add_argument("--arch", choices=speed.ARCHS, default=None)
     p.add_argument("--batch", type=int, default=16)
@@ -75,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, side)
         if args.what == "dropout" and value not in CPU_DROPOUTS:
             raise UserError(f"--{side} for dropout must be {' or '.join(CPU_DROPOUTS)}, not {value!r}")
-        if args.what in ("bf16", "fused") and value not in ("on", "off"):
+        if args.what in ("bf16", "fused", "packed") and value not in ("on", "off"):
             raise UserError(f"--{side} for {args.what} must be on or off, not {value!r}")
         if args.what in ("threads", "bucket") and not (value.isdigit() and (int(value) >= 1 or args.what == "bucket")):
             raise UserError(f"--{side} for {args.what} must be a whole number{' >= 1' * (args.what == 'threads')}, "
@@ -225,6 +228,8 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                     if args.what == "dropout":
                         swap = use_cpu_dropout if value == "fast" else use_native_dropout
                         swap(system.model.backbone)
+                    if args.what == "packed":
+                        system.model.backbone.pack_tokens = value == "on"
 
                 sides.append(Contender(name, step, count, batches=batches, enter=enter))
                 positions[name] = epoch_positions(args.stage, system, pool)

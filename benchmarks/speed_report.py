@@ -20,7 +20,8 @@ def _pct(x: float | None) -> str:
 WHAT = {"threads": "torch threads", "bf16": "bf16 autocast", "bucket": "bucket_pool (length-bucketed batches)",
         "tokenize": "tokenizer call (dialogs/s, not samples/s)",
         "fused": "fused AdamW (one kernel for the update)",
-        "dropout": "CPU dropout masks (cpu_dropout: 4 per 64-bit draw)"}
+        "dropout": "CPU dropout masks (cpu_dropout: 8 per 64-bit draw; softmax and dropout in one autograd function)",
+        "packed": "packed_tokens (the encoder's token-wise layers on the real tokens only)"}
 
 
 def page_inputs(md: Path) -> tuple[list[dict] | None, str]:

@@ -1,6 +1,6 @@
-"""The cheap CPU dropout (lotcrs_plugin.model.cpu_dropout): the mask's rate, the scaling, the same
-model outputs as the native path when no element is dropped (bidirectional and causal attention,
-padding, bf16), reproducibility from the seed, and the config key."""
+"""The cheap CPU dropout (lotcrs_plugin.model.cpu_dropout): the mask's rate, the scaling, the
+softmax-dropout backward, the same model outputs as the native path when no element is dropped
+(bidirectional and causal attention, padding, bf16), reproducibility from the seed, and the config key."""
 
 from __future__ import annotations
 
@@ -9,29 +9,58 @@ import torch
 from torch import nn
 
 from lotcrs_plugin.errors import UserError
-from lotcrs_plugin.model.cpu_dropout import (ATTENTION, CPUDropout, cpu_dropout, keep_mask, use_cpu_dropout,
-                                             use_native_dropout)
+from lotcrs_plugin.model.cpu_dropout import (ATTENTION, CPUDropout, additive, attend, cpu_dropout, drop_rate,
+                                             keep_mask, use_cpu_dropout, use_native_dropout)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_the_mask_keeps_one_minus_p_of_the_elements(p):
+def test_the_mask_keeps_one_minus_the_rounded_p_of_the_elements(p):
+    assert abs(drop_rate(p) - p) <= 1 / 512 and drop_rate(0.1) == 26 / 256
     torch.manual_seed(0)
     mask = keep_mask(torch.Size([2000, 1000]), p)
     assert mask.dtype == torch.bool and mask.shape == (2000, 1000)
-    assert abs(mask.float().mean().item() - (1 - p)) < 0.002  # 2M draws: 4 sigma is ~0.0013
-    # the four lanes of one draw are not one value: each lane alone keeps 1 - p
-    lanes = mask.flatten()[: 4 * 400_000].view(-1, 4).float().mean(0)
-    assert torch.allclose(lanes, torch.full((4,), 1 - p), atol=0.005)
+    assert abs(mask.float().mean().item() - (1 - drop_rate(p))) < 0.002  # 2M draws: 4 sigma is ~0.0013
+    # the eight lanes of one draw are not one value: each lane alone keeps 1 - rate (the top byte too)
+    lanes = mask.flatten()[: 8 * 200_000].view(-1, 8).float().mean(0)
+    assert torch.allclose(lanes, torch.full((8,), 1 - drop_rate(p)), atol=0.006)
+    pairs = mask.flatten()[: 8 * 200_000].view(-1, 8).float()
+    both = (pairs[:, 0] * pairs[:, 7]).mean().item()  # independent lanes: P(both kept) = (1 - rate)^2
+    assert abs(both - (1 - drop_rate(p)) ** 2) < 0.006
 
 
-def test_kept_elements_are_scaled_and_the_rest_are_zero():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_elements_are_scaled_and_the_rest_are_zero(dtype):
     torch.manual_seed(0)
-    x = torch.rand(300, 300) + 1.0
+    x = (torch.rand(300, 300) + 1.0).to(dtype)
     y = cpu_dropout(x, 0.2, training=True)
     kept = y != 0
-    assert torch.allclose(y[kept], x[kept] / 0.8)
-    assert abs(kept.float().mean().item() - 0.8) < 0.01
+    scale = 1 / (1 - drop_rate(0.2))
+    want = (x[kept].float() * scale).to(dtype)  # the scale is exact, not rounded to bf16 first
+    assert torch.equal(y[kept], want)
+    assert abs(kept.float().mean().item() - (1 - drop_rate(0.2))) < 0.01
     assert cpu_dropout(x, 0.2, training=False) is x and cpu_dropout(x, 0.0, training=True) is x
+
+
+def test_attention_with_the_cheap_dropout_has_autograds_gradient():
+    """attend's own softmax-dropout backward equals autograd through softmax and the same mask."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    mask[0, ..., 3:] = False
+    add = additive(mask, torch.float64)
+    state = torch.get_rng_state()
+    out = attend(q, k, v, add, 0.3, 0.5)
+    torch.set_rng_state(state)
+    kept = keep_mask(torch.Size([2, 3, 5, 5]), 0.3).double()
+    scores = (q * 0.5) @ k.transpose(-1, -2) + add
+    want = (scores.softmax(-1) * kept) @ v / (1 - drop_rate(0.3))
+    assert torch.allclose(out, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, (q, k, v), g)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    for got, ref in zip(got_grads, want_grads):
+        assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+    assert out[0, :, :, :].abs().sum() > 0 and kept.mean() < 1  # something was dropped
 
 
 def test_a_seed_gives_the_same_mask_and_eval_draws_none():

@@ -150,7 +150,7 @@ class LOTCRSModel(nn.Module):
 
     def _prepare(self, backbone: Backbone) -> Backbone:
         """Item tokens for this catalog (a pre-trained export brings its own: they must match), and the
-        cheap CPU dropout unless ``cpu_dropout: native``."""
+        cheap CPU dropout unless ``cpu_dropout: native``, packed tokens as ``packed_tokens`` says."""
         if backbone.n_items:
             if backbone.item_entity_ids and backbone.item_entity_ids != self.items.entity_ids:
                 raise UserError(f"backbone_path {self.backbone_path}: its item tokens belong to another catalog "
@@ -159,6 +159,7 @@ class LOTCRSModel(nn.Module):
             backbone.add_item_tokens(self.items.display_names, self.items.entity_ids)
         if self.cfg.cpu_dropout == "fast":
             use_cpu_dropout(backbone)
+        backbone.pack_tokens = self.cfg.packed_tokens
         return backbone
 
     def set_backbone(self, backbone: Backbone) -> None:

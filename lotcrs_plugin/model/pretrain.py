@@ -39,6 +39,7 @@ class LOTCRSPretrainModel(nn.Module):
         self.backbone = build_backbone(name, path, kg=kg, prompt=cfg.prompt)
         if cfg.cpu_dropout == "fast":
             use_cpu_dropout(self.backbone)
+        self.backbone.pack_tokens = cfg.packed_tokens
         if self.backbone.n_items:  # a pre-trained export: its items must be this catalog's
             if self.backbone.item_entity_ids and self.backbone.item_entity_ids != self.items.entity_ids:
                 raise UserError(f"backbone_path {path}: its item tokens belong to another catalog "

@@ -66,6 +66,8 @@ class Backbone(nn.Module):
     default_pooling: ClassVar[str] = "cls"
     default_projection: ClassVar[bool] = False  # an MLP on the CCA representation while training
     name_prefix: ClassVar[str] = ""             # " " for byte-level BPE (a word inside a sentence)
+    # the token-wise layers run on the real tokens only where the backbone can (the packed_tokens key)
+    pack_tokens: bool = True
 
     def __init__(self, tokenizer: Any, prompt: str = DEFAULT_PROMPT, source: str | Mapping = ""):
         super().__init__()

@@ -22,6 +22,7 @@ from torch import nn
 from lotcrs_plugin.errors import UserError
 from lotcrs_plugin.model.backbones.base import DEFAULT_PROMPT, Backbone, Vocabulary, load_hf
 from lotcrs_plugin.model.backbones.inputs import EntityKG, TokenBatch
+from lotcrs_plugin.model.backbones.packed_bert import can_pack, packed_states
 from lotcrs_plugin.model.backbones.registry import register_backbone
 
 
@@ -75,7 +76,15 @@ class BertBackbone(Backbone):
         return int(self.model.config.hidden_size)
 
     def encode(self, batch: TokenBatch) -> torch.Tensor:
-        return self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return self._states(batch, first_layer=False)[1]
+
+    def _states(self, batch: TokenBatch, first_layer: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(first layer's states if asked, last layer's states), packed where the encoder allows."""
+        base = self.model.base_model
+        if self.pack_tokens and can_pack(base):
+            return packed_states(base, batch.input_ids, batch.attention_mask, first_layer)
+        out = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=first_layer)
+        return (out.hidden_states[1] if first_layer else None), out.last_hidden_state
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         features, decoder = _head_parts(self.model)
@@ -105,10 +114,8 @@ class BertBackbone(Backbone):
         return heads[0]
 
     def _pooling_states(self, batch: TokenBatch, pooling: str):
-        out = self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    output_hidden_states=pooling == "first_last")
-        first = out.hidden_states[1] if pooling == "first_last" else None
-        return first, out.last_hidden_state, batch.attention_mask
+        first, last = self._states(batch, first_layer=pooling == "first_last")
+        return first, last, batch.attention_mask
 
 
 def _head_parts(model: nn.Module):
