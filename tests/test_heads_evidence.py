@@ -245,6 +245,34 @@ def test_copy_term_is_learned_from_training_samples():
     assert term(state, ev).argmax(1).tolist() == [1, 1]
 
 
+def test_attribute_gate_starts_ungated_and_learns_a_per_context_weight():
+    """Planted: context A's stated genre points to its target, context B's to a wrong item. A shared
+    relation weight cannot serve both; the zero-initialised gate learns to read them apart."""
+    torch.manual_seed(0)
+    attrs = _attributes()
+    cfg = EvidenceConfig(items=False, item_attributes=False, attribute_gate=True)
+    term = EvidenceTerm(cfg, n_items=4, hidden=8, attributes=attrs)
+    plain = EvidenceTerm(EvidenceConfig(items=False, item_attributes=False), n_items=4, hidden=8, attributes=attrs)
+    builder = EvidenceBuilder(_table(), np.array([False, True, False, False]), [10, 11, 12, 13])
+    ev = builder.batch(np.array([[0, 3], [0, 3]]))
+    state = torch.tensor([[1.0] * 8, [-1.0] * 8])
+    with torch.no_grad():
+        term.attribute_weight.copy_(torch.tensor([0.5, 0.0]))
+        plain.attribute_weight.copy_(torch.tensor([0.5, 0.0]))
+    assert torch.equal(term(state, ev), plain(state, ev))  # the gate is zero at the start
+    targets = torch.tensor([1, 0])  # genre 50 is items 1-3's: right for A, wrong for B
+    opt = torch.optim.SGD(term.parameters(), lr=0.5)
+    for _ in range(30):
+        loss = F.cross_entropy(term(state, ev), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    weights = term.attribute_weight + term.attribute_gate(state)
+    assert weights[0, 0] > 0 > weights[1, 0]
+    assert term(state, ev).argmax(1).tolist() == [1, 0]
+    assert EvidenceTerm(EvidenceConfig(), n_items=4, hidden=8, attributes=attrs).attribute_gate is None
+
+
 def test_evidence_config_is_validated_and_needs_a_kg_for_attributes():
     with pytest.raises(UserError, match="unknown key 'item'"):
         EvidenceConfig.from_dict({"item": True})

@@ -11,6 +11,10 @@ Three channels, each optional (``evidence:`` block, :class:`EvidenceConfig`):
 - ``item_attributes``: the same with the attributes of the items the context names (a seeker who
   liked a Kubrick film may like another): ``c_r * log(1 + ...)``.
 
+With ``attribute_gate``, the two attribute channels' per-relation weights also depend on the
+context's state (``a_r + V_r s``, ``c_r + W_r s``): a seeker who asks for something new by genre, and
+one who names films to say what she has already seen, can weigh the matches differently.
+
 Every weight starts at zero, so at initialisation the term is zero and the model scores as its
 head does; fine-tuning on the training split learns how much each channel is worth. The attribute
 channels give every item, tail items included, a score from its attributes: the model can rank an
@@ -34,13 +38,15 @@ from lotcrs_plugin.errors import UserError
 @dataclass(frozen=True)
 class EvidenceConfig:
     """The ``evidence:`` block. items / attributes / item_attributes: the channels (module
-    docstring); gate: the item channel's weights depend on the context's state (U s), else only w.
-    lr: the learning rate of the term's weights (a few dozen numbers: faster than the encoder)."""
+    docstring); gate: the item channel's weights depend on the context's state (U s), else only w;
+    attribute_gate: the same for the two attribute channels. lr: the learning rate of the term's
+    weights (a few dozen numbers and the gates: faster than the encoder)."""
 
     items: bool = True
     attributes: bool = True
     item_attributes: bool = True
     gate: bool = True
+    attribute_gate: bool = False
     lr: float = 0.01
 
     @classmethod
@@ -75,6 +81,9 @@ class EvidenceTerm(nn.Module):
         n_rel = len(self.relations)
         self.attribute_weight = nn.Parameter(torch.zeros(n_rel)) if cfg.attributes else None
         self.item_attribute_weight = nn.Parameter(torch.zeros(n_rel)) if cfg.item_attributes else None
+        gated = cfg.attribute_gate
+        self.attribute_gate = _zero_linear(hidden, n_rel) if gated and cfg.attributes else None
+        self.item_attribute_gate = _zero_linear(hidden, n_rel) if gated and cfg.item_attributes else None
         if wants_kg:
             idf = torch.from_numpy(attributes.idf())
             rows = torch.from_numpy(attributes.item_rows)
@@ -102,13 +111,14 @@ class EvidenceTerm(nn.Module):
             out = out.scatter_add(1, ev.items.clamp_min(0), bonus)
         if self.attribute_weight is not None:
             stated = self._multi_hot(ev.entities, torch.log1p(ev.entity_counts), b, state.device)
-            out = out + self._matches(stated, self.attribute_weight)
+            out = out + self._matches(stated, _gated(self.attribute_weight, self.attribute_gate, state))
         if self.item_attribute_weight is not None:
             named = torch.zeros(b, self.n_items, device=state.device)
             named.scatter_(1, ev.items.clamp_min(0), (ev.items >= 0).float())
             # (B, n_entity): how many of the context's items have each attribute
             via_items = (self.items_to_entities @ named.t()).t()
-            out = out + self._matches(torch.log1p(via_items), self.item_attribute_weight)
+            out = out + self._matches(torch.log1p(via_items),
+                                      _gated(self.item_attribute_weight, self.item_attribute_gate, state))
         return out
 
     def _multi_hot(self, entities: torch.Tensor, values: torch.Tensor, b: int, device: Any) -> torch.Tensor:
@@ -117,10 +127,11 @@ class EvidenceTerm(nn.Module):
         return x.scatter_add(1, entities.clamp(0, self.n_entity - 1), values * inside)
 
     def _matches(self, context: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """sum_r weight[r] * log(1 + idf-weighted overlap of relation r's attributes with ``context``)."""
+        """sum_r weight[b, r] * log(1 + idf-weighted overlap of relation r's attributes with ``context``);
+        ``weight`` (B, R)."""
         per_relation = (self.kg_by_relation @ context.t()).t()  # (B, R * N)
         per_relation = torch.log1p(per_relation.reshape(context.shape[0], len(self.relations), self.n_items))
-        return torch.einsum("brn,r->bn", per_relation, weight)
+        return torch.einsum("brn,br->bn", per_relation, weight)
 
     def weights(self) -> dict[str, Any]:
         """The learned weights by name (for logs and the run summary)."""
@@ -131,6 +142,20 @@ class EvidenceTerm(nn.Module):
             if w is not None:
                 out[key] = dict(zip(self.relations, np.round(w.detach().cpu().numpy(), 4).tolist()))
         return out
+
+
+def _zero_linear(n_in: int, n_out: int) -> nn.Linear:
+    """A Linear layer that starts at zero (the term starts as if ungated)."""
+    layer = nn.Linear(n_in, n_out)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _gated(weight: torch.Tensor, gate: nn.Linear | None, state: torch.Tensor) -> torch.Tensor:
+    """(B, R) per-context relation weights: ``weight`` plus the gate's reading of the state."""
+    out = weight.unsqueeze(0).expand(state.shape[0], -1)
+    return out if gate is None else out + gate(state.float())
 
 
 __all__ = ["EvidenceConfig", "EvidenceTerm"]
