@@ -78,10 +78,10 @@ class FinetuneConfig:
     num_workers: int = 0
     bf16: bool = True
     # fast: CPU dropout masks from one 64-bit draw per eight elements, p rounded to 1/256
-    # (lotcrs_plugin.model.cpu_dropout; 1.43x MiniLM's fine-tuning samples/s here); native: torch's
+    # (lotcrs_plugin.model.cpu_dropout; 1.70x MiniLM's fine-tuning samples/s here); native: torch's
     cpu_dropout: str = "fast"
     # the encoder's token-wise layers on the real tokens only, exact (model/backbones/packed_bert.py;
-    # BERT-family backbones)
+    # BERT-family backbones; 1.06x samples/s on INSPIRED, benchmarks/results/speed_cpu.md)
     packed_tokens: bool = True
     resume: bool = False
     run_name: str = ""

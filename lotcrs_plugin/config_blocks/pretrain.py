@@ -78,10 +78,10 @@ class PretrainConfig:
     num_workers: int = 0
     bf16: bool = True
     # fast: CPU dropout masks from one 64-bit draw per eight elements, p rounded to 1/256
-    # (lotcrs_plugin.model.cpu_dropout; 1.46x MiniLM's pre-training samples/s here); native: torch's
+    # (lotcrs_plugin.model.cpu_dropout; 1.79x MiniLM's pre-training samples/s here); native: torch's
     cpu_dropout: str = "fast"
     # the encoder's token-wise layers on the real tokens only, exact (model/backbones/packed_bert.py;
-    # BERT-family backbones)
+    # BERT-family backbones; 1.43x samples/s on INSPIRED, benchmarks/results/speed_cpu.md)
     packed_tokens: bool = True
     checkpoint_every: int = 500
     resume: bool = False
