@@ -223,6 +223,16 @@ def test_evidence_term_is_zero_at_initialisation_and_matches_attributes_by_hand(
     assert got == pytest.approx([shared, shared, 0.0, 0.0], rel=1e-5)
 
 
+def _fit(term: EvidenceTerm, state: torch.Tensor, ev, targets: torch.Tensor, steps: int) -> None:
+    """SGD on the cross-entropy of the term's scores alone."""
+    opt = torch.optim.SGD(term.parameters(), lr=0.5)
+    for _ in range(steps):
+        loss = F.cross_entropy(term(state, ev), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_copy_term_is_learned_from_training_samples():
     """Planted: the answer is the item the seeker named. The term starts at zero, learns a positive
     seeker weight, and then ranks that item first."""
@@ -234,12 +244,7 @@ def test_copy_term_is_learned_from_training_samples():
     targets = torch.tensor([1, 1])
     state = torch.randn(2, 8)
     before = term.item_weight.detach().clone()
-    opt = torch.optim.SGD(term.parameters(), lr=0.5)
-    for _ in range(20):
-        loss = F.cross_entropy(term(state, ev), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit(term, state, ev, targets, steps=20)
     assert not torch.equal(term.item_weight.detach(), before)
     assert term.item_weight[ITEM_FEATURES.index("by_seeker")] > 0
     assert term(state, ev).argmax(1).tolist() == [1, 1]
@@ -261,12 +266,7 @@ def test_attribute_gate_starts_ungated_and_learns_a_per_context_weight():
         plain.attribute_weight.copy_(torch.tensor([0.5, 0.0]))
     assert torch.equal(term(state, ev), plain(state, ev))  # the gate is zero at the start
     targets = torch.tensor([1, 0])  # genre 50 is items 1-3's: right for A, wrong for B
-    opt = torch.optim.SGD(term.parameters(), lr=0.5)
-    for _ in range(30):
-        loss = F.cross_entropy(term(state, ev), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit(term, state, ev, targets, steps=30)
     weights = term.attribute_weight + term.attribute_gate(state)
     assert weights[0, 0] > 0 > weights[1, 0]
     assert term(state, ev).argmax(1).tolist() == [1, 0]

@@ -69,10 +69,7 @@ class EvidenceTerm(nn.Module):
         self.cfg, self.n_items = cfg, int(n_items)
         n_feat = len(ITEM_FEATURES)
         self.item_weight = nn.Parameter(torch.zeros(n_feat)) if cfg.items else None
-        self.item_gate = nn.Linear(hidden, n_feat) if cfg.items and cfg.gate else None
-        if self.item_gate is not None:
-            nn.init.zeros_(self.item_gate.weight)
-            nn.init.zeros_(self.item_gate.bias)
+        self.item_gate = _zero_linear(hidden, n_feat) if cfg.items and cfg.gate else None
         wants_kg = cfg.attributes or cfg.item_attributes
         if wants_kg and (attributes is None or not attributes.relations):
             raise UserError("evidence.attributes / item_attributes need item attributes in the dataset's entity KG "
@@ -103,9 +100,7 @@ class EvidenceTerm(nn.Module):
         b = state.shape[0]
         out = torch.zeros(b, self.n_items, device=state.device, dtype=torch.float32)
         if self.item_weight is not None:
-            weight = self.item_weight.unsqueeze(0)
-            if self.item_gate is not None:
-                weight = weight + self.item_gate(state.float())
+            weight = _gated(self.item_weight, self.item_gate, state)
             valid = ev.items >= 0
             bonus = (ev.item_features * weight.unsqueeze(1)).sum(-1) * valid
             out = out.scatter_add(1, ev.items.clamp_min(0), bonus)
@@ -153,7 +148,8 @@ def _zero_linear(n_in: int, n_out: int) -> nn.Linear:
 
 
 def _gated(weight: torch.Tensor, gate: nn.Linear | None, state: torch.Tensor) -> torch.Tensor:
-    """(B, R) per-context relation weights: ``weight`` plus the gate's reading of the state."""
+    """(B, K) per-context weights (K relations or item features): ``weight`` plus the gate's reading
+    of the state."""
     out = weight.unsqueeze(0).expand(state.shape[0], -1)
     return out if gate is None else out + gate(state.float())
 
