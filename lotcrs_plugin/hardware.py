@@ -62,17 +62,22 @@ def bf16_autocast_pays(device: torch.device | str) -> bool:
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice: the physical cores or OMP_NUM_THREADS
 
 
+FREE_CORES = -1  # ``threads: -1``: the cores the load average leaves free
+
+
 def training_threads(requested: int = 0, *, load: float | None = None, cores: int | None = None) -> int:
-    """Torch intra-op threads for training: ``requested`` when it is > 0; else torch's default
-    (the machine's physical cores, or OMP_NUM_THREADS when set), cut to the cores that are free:
-    an OpenMP thread on a core that another process holds makes the others wait for it at every
-    parallel region (on the shared 2-core machine, 2 threads trained MiniLM at 0.25x the speed of
-    1 while the load average was 10: benchmarks/results/speed_cpu.md). The free cores are the
-    cores minus the 1-minute load average, plus this process's own share of it."""
+    """Torch intra-op threads for training. ``requested`` > 0: that many. 0: torch's default (the
+    machine's physical cores, or OMP_NUM_THREADS when set), whatever the load, because the thread count
+    changes how reductions round, so a run's metrics would depend on what else ran at its start.
+    -1 (FREE_CORES): torch's default cut to the cores that are free, faster on a busy machine (an
+    OpenMP thread on a core that another process holds makes the others wait at every parallel
+    region: on the shared 2-core machine, 2 threads trained MiniLM at 0.25x the speed of 1 while the
+    load average was 10, benchmarks/results/speed_cpu.md) but not reproducible across loads. The free
+    cores are the cores minus the 1-minute load average, plus this process's own share of it."""
     if requested > 0:
         return requested
     base = max(1, _TORCH_DEFAULT_THREADS)
-    if "OMP_NUM_THREADS" in os.environ:  # the user's choice
+    if requested != FREE_CORES or "OMP_NUM_THREADS" in os.environ:  # the default, or the user's choice
         return base
     cores = cores or os.cpu_count() or base
     if load is None:
@@ -84,4 +89,4 @@ def training_threads(requested: int = 0, *, load: float | None = None, cores: in
     return max(1, min(base, free))
 
 
-__all__ = ["CpuInfo", "bf16_autocast_pays", "cpu_info", "training_threads"]
+__all__ = ["FREE_CORES", "CpuInfo", "bf16_autocast_pays", "cpu_info", "training_threads"]

@@ -43,8 +43,10 @@ class FinetuneConfig:
     AVX512_BF16 or AMX: lotcrs_plugin.hardware), fp32 elsewhere.
     resume: continue from the run's checkpoint. run_name: folder under <root>/save. log_every:
     optimizer steps between log lines. seed: -1 uses the top-level seed. threads: torch's intra-op
-    CPU threads while fit() runs (0: torch's default, the physical cores or OMP_NUM_THREADS, cut to
-    the cores the load average leaves free: lotcrs_plugin.hardware.training_threads).
+    CPU threads while fit() runs (0: torch's default, the physical cores or OMP_NUM_THREADS, so that a
+    config and seed give the same metrics whatever the load; -1: that default cut to the cores the
+    load average leaves free, faster on a busy machine but load-dependent:
+    lotcrs_plugin.hardware.training_threads).
     ranker: model (LOT-CRS) | popularity |
     repeat_popularity: training-free baselines on the same samples and evaluator (nothing is
     trained; lotcrs_plugin.model.sample_rankers).
@@ -109,8 +111,9 @@ class FinetuneConfig:
                     "log_every", "eval_chunk_elements"):
             need(getattr(self, key) >= 1, key, "at least 1")
         for key in ("impatience", "teacher_epochs", "teacher_max_samples", "max_train_batches", "num_workers",
-                    "bucket_pool", "threads"):
+                    "bucket_pool"):
             need(getattr(self, key) >= 0, key, "0 or more")
+        need(self.threads >= -1, "threads", "a count, 0 (torch's default) or -1 (the free cores)")
         need(self.max_length >= 16, "max_length", "at least 16")
         need(self.lr > 0, "lr", "positive")
         need(self.adam_eps > 0, "adam_eps", "positive")

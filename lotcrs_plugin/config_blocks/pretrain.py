@@ -47,7 +47,8 @@ class PretrainConfig:
     only). resume: continue from the run's checkpoint. run_name: folder under <root>/save.
     tensorboard: scalars under <root>/runs/<run name>. log_every: steps between log lines.
     eval_max_batches: validation/test batches (0: all). seed: -1 uses the top-level seed. threads:
-    torch's CPU threads while fit() runs (0: the free cores, lotcrs_plugin.hardware.training_threads).
+    torch's CPU threads while fit() runs (0: torch's default, the same whatever the load; -1: the
+    free cores, load-dependent: lotcrs_plugin.hardware.training_threads).
     """
 
     data: str = "simulated"
@@ -112,8 +113,9 @@ class PretrainConfig:
         for key in ("epochs", "batch_size", "grad_accumulation", "pad_to_multiple_of"):
             need(getattr(self, key) >= 1, key, "at least 1")
         for key in ("max_steps", "cca_batch_size", "num_workers", "checkpoint_every", "eval_max_batches",
-                    "bucket_pool", "threads"):
+                    "bucket_pool"):
             need(getattr(self, key) >= 0, key, "0 or more")
+        need(self.threads >= -1, "threads", "a count, 0 (torch's default) or -1 (the free cores)")
         need(self.log_every >= 1, "log_every", "at least 1")
         need(self.max_length >= 8, "max_length", "at least 8")
         need(0.0 < self.mlm_probability <= 1.0, "mlm_probability", "in (0, 1]")
