@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lotcrs_plugin import hardware
+from lotcrs_plugin.config_blocks.finetune import FinetuneConfig
+from lotcrs_plugin.config_blocks.pretrain import PretrainConfig
+from lotcrs_plugin.errors import UserError
 
 
 def test_training_threads_follow_the_default_and_only_minus_one_reads_the_load(monkeypatch):
@@ -22,15 +27,11 @@ def test_training_threads_follow_the_default_and_only_minus_one_reads_the_load(m
     assert hardware.training_threads(free, load=30.0, cores=2) == 2  # the user's OMP_NUM_THREADS stands
 
 
-def test_threads_below_minus_one_are_refused():
-    import pytest
-
-    from lotcrs_plugin.config_blocks.finetune import FinetuneConfig
-    from lotcrs_plugin.errors import UserError
-
-    assert FinetuneConfig.from_dict({"threads": -1}).threads == -1
+@pytest.mark.parametrize("block", [FinetuneConfig, PretrainConfig])
+def test_threads_below_minus_one_are_refused(block):
+    assert block.from_dict({"threads": hardware.FREE_CORES}).threads == -1
     with pytest.raises(UserError, match="threads"):
-        FinetuneConfig.from_dict({"threads": -2})
+        block.from_dict({"threads": -2})
 
 
 def test_cpu_info_names_the_model_and_flags():
